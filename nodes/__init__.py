@@ -1,0 +1,25 @@
+"""ComfyUI nodes of the TuneQDM pack: thin wrappers around tuneqdm_core."""
+from . import folders
+from .file_nodes import LoadQuantizedUNet, LoadScales, SaveQuantizedUNet, SaveScales
+from .quantize_node import QuantizeUNet
+from .sampler_node import ExpertRoutedSampler
+
+folders.register()
+
+NODE_CLASS_MAPPINGS = {
+    "TuneQDMQuantizeUNet": QuantizeUNet,
+    "TuneQDMSaveQuantizedUNet": SaveQuantizedUNet,
+    "TuneQDMLoadQuantizedUNet": LoadQuantizedUNet,
+    "TuneQDMSaveScales": SaveScales,
+    "TuneQDMLoadScales": LoadScales,
+    "TuneQDMExpertRoutedSampler": ExpertRoutedSampler,
+}
+
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "TuneQDMQuantizeUNet": "Quantize UNet (TuneQDM)",
+    "TuneQDMSaveQuantizedUNet": "Save Quantized UNet (TuneQDM)",
+    "TuneQDMLoadQuantizedUNet": "Load Quantized UNet (TuneQDM)",
+    "TuneQDMSaveScales": "Save Scales (TuneQDM)",
+    "TuneQDMLoadScales": "Load Scales (TuneQDM)",
+    "TuneQDMExpertRoutedSampler": "Expert-Routed Sampler (TuneQDM)",
+}

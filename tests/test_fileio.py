@@ -1,0 +1,193 @@
+"""Scales and quantized-model files: round trips, atomic writes and every bad-file case."""
+import copy
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from tuneqdm_core import (FileFormatError, ModelMismatchError, TuneQDMConfig, fingerprint, get_router,
+                          load_quantized_model, load_scales, quantize_model, save_quantized_model, save_scales,
+                          scales_of)
+from tuneqdm_core.scales import ScaleSet
+
+
+class Tiny(nn.Module):
+    def __init__(self, width=8):
+        super().__init__()
+        self.conv = nn.Conv2d(3, width, 3, padding=1)
+        self.norm = nn.GroupNorm(2, width)
+        self.head = nn.Linear(width, 5)
+
+    def forward(self, x):
+        return self.head(self.norm(self.conv(x)).mean(dim=(2, 3)))
+
+
+def quantized(bits=4, experts=2, seed=0, width=8):
+    torch.manual_seed(seed)
+    m = Tiny(width)
+    quantize_model(m, TuneQDMConfig(bits=bits, experts=experts))
+    return m
+
+
+def perturbed_scales(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    s = scales_of(model)
+    tensors = {k: (o * (1 + 0.05 * torch.randn(o.shape, generator=g)), i + 0.02 * torch.randn(i.shape, generator=g))
+               for k, (o, i) in s.tensors.items()}
+    return ScaleSet(tensors, s.bits, s.experts, s.fingerprint)
+
+
+def run(model, x, t, scales=None):
+    with torch.no_grad(), get_router(model).route(t, scales=None if scales is None else scales.tensors):
+        return model(x)
+
+
+def test_scales_round_trip(tmp_path):
+    model = quantized()
+    trained = perturbed_scales(model)
+    path = tmp_path / "subject.safetensors"
+    save_scales(path, trained, model)
+    loaded = load_scales(path, model)
+    for k, (o, i) in trained.tensors.items():
+        # fp16 offsets from the init: relative error far below fp16's absolute step near 1.
+        torch.testing.assert_close(loaded.tensors[k][0], o, rtol=1e-3, atol=1e-7)
+        torch.testing.assert_close(loaded.tensors[k][1], i, rtol=0, atol=5e-5)  # fp16 spacing at 1 is 1e-3
+    x, t = torch.randn(2, 3, 6, 6), torch.tensor([100.0, 800.0])
+    torch.testing.assert_close(run(model, x, t, loaded), run(model, x, t, trained), rtol=1e-3, atol=1e-5)
+
+
+def test_scales_file_stays_small_in_fp16(tmp_path):
+    model = quantized(experts=4, width=64)
+    path = tmp_path / "s.safetensors"
+    save_scales(path, scales_of(model), model)
+    n_values = scales_of(model).num_values()
+    assert path.stat().st_size < 2 * n_values + 8192  # two bytes a value plus a small header
+
+
+def test_quantized_model_round_trip_without_float_weights(tmp_path):
+    model = quantized(bits=4, experts=3)
+    path = tmp_path / "model.safetensors"
+    save_quantized_model(path, model)
+    with torch.device("meta"):
+        skeleton = Tiny()
+    loaded = load_quantized_model(path, skeleton)
+    assert fingerprint(loaded) == fingerprint(model)
+    assert not any(t.is_meta for t in loaded.state_dict().values())
+    x, t = torch.randn(3, 3, 6, 6), torch.tensor([0.0, 400.0, 999.0])
+    torch.testing.assert_close(run(loaded, x, t), run(model, x, t), rtol=0, atol=0)
+
+
+def test_write_is_atomic_and_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
+    model = quantized()
+    path = tmp_path / "s.safetensors"
+    save_scales(path, scales_of(model), model)
+    before = path.read_bytes()
+
+    import tuneqdm_core.fileio as fileio
+
+    def broken(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(fileio, "save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        save_scales(path, perturbed_scales(model), model)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["s.safetensors"]
+
+
+def saved(tmp_path, model, name="s.safetensors"):
+    path = tmp_path / name
+    save_scales(path, scales_of(model), model)
+    return path
+
+
+def test_wrong_bits_is_named(tmp_path):
+    path = saved(tmp_path, quantized(bits=4))
+    with pytest.raises(ModelMismatchError, match="W4 model, but this model is W8"):
+        load_scales(path, quantized(bits=8))
+
+
+def test_wrong_experts_is_named(tmp_path):
+    path = saved(tmp_path, quantized(experts=2))
+    with pytest.raises(ModelMismatchError, match="2 experts, but this model has 4"):
+        load_scales(path, quantized(experts=4))
+
+
+def test_wrong_architecture_is_named(tmp_path):
+    path = saved(tmp_path, quantized(width=8))
+    with pytest.raises(ModelMismatchError, match="layer 'conv' is 8x3 in the file, 16x3 in this model"):
+        load_scales(path, quantized(width=16))
+
+
+def test_other_base_model_is_named(tmp_path):
+    path = saved(tmp_path, quantized(seed=0))
+    with pytest.raises(ModelMismatchError, match="another base model"):
+        load_scales(path, quantized(seed=1))
+
+
+def test_truncated_file_is_named(tmp_path):
+    path = saved(tmp_path, quantized())
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 40])
+    with pytest.raises(FileFormatError, match="truncated or not safetensors"):
+        load_scales(path, quantized())
+
+
+def test_corrupted_tensor_bytes_are_named(tmp_path):
+    path = saved(tmp_path, quantized())
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(FileFormatError, match="corrupted"):
+        load_scales(path, quantized())
+
+
+def test_not_safetensors_is_named(tmp_path):
+    path = tmp_path / "evil.safetensors"
+    path.write_bytes(b"\x80\x04\x95pickle data, never loaded")
+    with pytest.raises(FileFormatError, match="not a readable safetensors file"):
+        load_scales(path, quantized())
+
+
+def test_foreign_safetensors_is_named(tmp_path):
+    path = tmp_path / "lora.safetensors"
+    save_file({"w": torch.zeros(2)}, str(path))
+    with pytest.raises(FileFormatError, match="not a TuneQDM file"):
+        load_scales(path, quantized())
+
+
+def test_model_file_given_as_scales_is_named(tmp_path):
+    model = quantized()
+    path = tmp_path / "m.safetensors"
+    save_quantized_model(path, model)
+    with pytest.raises(FileFormatError, match="is a tuneqdm-quantized-model file, expected a tuneqdm-scales file"):
+        load_scales(path, model)
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(FileFormatError, match="no such file"):
+        load_scales(tmp_path / "nope.safetensors", quantized())
+
+
+def test_quantized_model_into_wrong_architecture_is_named(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_quantized_model(path, quantized(width=8))
+    with torch.device("meta"):
+        other = Tiny(16)
+    with pytest.raises(ModelMismatchError, match="does not fit this architecture"):
+        load_quantized_model(path, other)
+
+
+def test_scales_activated_by_the_router_do_not_touch_the_modules():
+    model = quantized()
+    own = copy.deepcopy(scales_of(model).tensors)
+    trained = perturbed_scales(model)
+    x, t = torch.randn(2, 3, 6, 6), torch.tensor([100.0, 800.0])
+    base_out = run(model, x, t)
+    assert not torch.allclose(run(model, x, t, trained), base_out)
+    torch.testing.assert_close(run(model, x, t), base_out, rtol=0, atol=0)
+    for k, (o, i) in scales_of(model).tensors.items():
+        assert torch.equal(o, own[k][0]) and torch.equal(i, own[k][1])

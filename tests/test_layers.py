@@ -1,0 +1,203 @@
+"""Separable quantized layers against the explicitly dequantized reference."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tuneqdm_core import QuantConv2d, QuantLinear, RoutingError, TuneQDMConfig, get_router, quantize_model
+from tuneqdm_core.quant import integer_weight
+
+
+def reference_weight(layer, e):
+    """diag(s_out[e]) (Q - z) diag(s_in[e]) built explicitly, in float64."""
+    a = integer_weight(layer.qweight, layer.zero, layer.bits, layer.weight_shape, torch.float64)
+    s_out = layer.s_out[e].double()
+    s_in = layer.s_in[e].double()
+    if a.ndim == 2:
+        return s_out[:, None] * a * s_in[None, :]
+    g = layer.groups
+    s_in_g = s_in.reshape(g, -1)  # input channels of each group
+    out_per_group = a.shape[0] // g
+    s_in_rows = s_in_g.repeat_interleave(out_per_group, dim=0)  # (out, in/groups)
+    return s_out[:, None, None, None] * a * s_in_rows[:, :, None, None]
+
+
+def randomize_scales(layer, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        layer.s_out.mul_(1 + 0.3 * torch.randn(layer.s_out.shape, generator=g))
+        layer.s_in.copy_(1 + 0.3 * torch.randn(layer.s_in.shape, generator=g))
+
+
+def make_linear(bits, experts, bias, seed=0, in_f=37, out_f=19):
+    torch.manual_seed(seed)
+    float_layer = nn.Linear(in_f, out_f, bias=bias)
+    q = QuantLinear.from_float(float_layer, bits=bits, experts=experts)
+    randomize_scales(q, seed)
+    return q
+
+
+def make_conv(bits, experts, bias, seed=0, **kw):
+    torch.manual_seed(seed)
+    float_layer = nn.Conv2d(6, 10, **kw, bias=bias)
+    q = QuantConv2d.from_float(float_layer, bits=bits, experts=experts)
+    randomize_scales(q, seed)
+    return q
+
+
+def route(layer, experts):
+    from tuneqdm_core import ExpertRouter
+    layer.router = ExpertRouter(layer.num_experts)
+    return layer.router.route(experts=torch.tensor(experts))
+
+
+@pytest.mark.parametrize("bits", [4, 8, 3])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_forward_and_gradients_match_dequantized_reference(bits, bias):
+    q = make_linear(bits, experts=3, bias=bias, seed=bits)
+    experts = [2, 0, 2, 1]
+    x = torch.randn(4, 5, q.in_features, dtype=torch.float64).float().requires_grad_()
+    with route(q, experts):
+        y = q(x)
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+
+    x_ref = x.detach().double().requires_grad_()
+    s_out = q.s_out.detach().double().requires_grad_()
+    s_in = q.s_in.detach().double().requires_grad_()
+    a = integer_weight(q.qweight, q.zero, q.bits, q.weight_shape, torch.float64)
+    rows = []
+    for b, e in enumerate(experts):
+        w = s_out[e][:, None] * a * s_in[e][None, :]
+        rows.append(F.linear(x_ref[b], w, q.bias.double() if bias else None))
+    y_ref = torch.stack(rows)
+    (y_ref * g.double()).sum().backward()
+
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad.double(), x_ref.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(q.s_out.grad.double(), s_out.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(q.s_in.grad.double(), s_in.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(kernel_size=3, padding=1),
+    dict(kernel_size=3, stride=2, padding=1),
+    dict(kernel_size=(3, 1), stride=(1, 2), padding=(2, 0), dilation=2),
+    dict(kernel_size=1),
+    dict(kernel_size=3, padding=1, groups=2),
+    dict(kernel_size=3, padding=1, padding_mode="reflect"),
+])
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv2d_forward_and_gradients_match_dequantized_reference(kw, bias):
+    q = make_conv(4, experts=2, bias=bias, seed=1, **kw)
+    experts = [1, 0, 1]
+    x = torch.randn(3, 6, 9, 8).requires_grad_()
+    with route(q, experts):
+        y = q(x)
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+
+    x_ref = x.detach().double().requires_grad_()
+    s_out = q.s_out.detach().double().requires_grad_()
+    s_in = q.s_in.detach().double().requires_grad_()
+    a = integer_weight(q.qweight, q.zero, q.bits, q.weight_shape, torch.float64)
+    outs = []
+    for b, e in enumerate(experts):
+        s_in_rows = s_in[e].reshape(q.groups, -1).repeat_interleave(a.shape[0] // q.groups, dim=0)
+        w = s_out[e][:, None, None, None] * a * s_in_rows[:, :, None, None]
+        xb = x_ref[b:b + 1]
+        pad = q.padding
+        if q.padding_mode != "zeros":
+            xb = F.pad(xb, (pad[1], pad[1], pad[0], pad[0]), mode=q.padding_mode)
+            pad = (0, 0)
+        outs.append(F.conv2d(xb, w, q.bias.double() if bias else None, q.stride, pad, q.dilation, q.groups))
+    y_ref = torch.cat(outs)
+    (y_ref * g.double()).sum().backward()
+
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), x_ref.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(q.s_out.grad.double(), s_out.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(q.s_in.grad.double(), s_in.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_unused_experts_get_exactly_zero_gradient():
+    q = make_linear(4, experts=4, bias=True)
+    x = torch.randn(3, q.in_features)
+    with route(q, [3, 1, 3]):
+        q(x).pow(2).sum().backward()
+    for e in (0, 2):
+        assert torch.count_nonzero(q.s_out.grad[e]) == 0 and torch.count_nonzero(q.s_in.grad[e]) == 0
+    for e in (1, 3):
+        assert torch.count_nonzero(q.s_out.grad[e]) > 0 and torch.count_nonzero(q.s_in.grad[e]) > 0
+
+
+def test_base_scales_reproduce_the_float_layer_within_quantization_error():
+    torch.manual_seed(0)
+    float_layer = nn.Linear(64, 32)
+    q = QuantLinear.from_float(float_layer, bits=8, experts=1)
+    x = torch.randn(10, 64)
+    y, y_float = q(x), float_layer(x)
+    assert (y - y_float).abs().max() < 0.02 * y_float.abs().max()
+
+
+def test_peqa_mode_freezes_s_in():
+    q = QuantLinear.from_float(nn.Linear(8, 4), bits=4, experts=1, train_s_in=False)
+    assert not q.s_in.requires_grad and q.s_out.requires_grad
+    q(torch.randn(2, 8)).sum().backward()
+    assert q.s_in.grad is None and q.s_out.grad is not None
+
+
+def test_normal_s_in_init_is_reproducible():
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 4))
+    cfg = TuneQDMConfig(bits=4, experts=2, s_in_init="normal", s_in_sigma=0.01, seed=7)
+    import copy
+    m1, m2 = copy.deepcopy(base), copy.deepcopy(base)
+    quantize_model(m1, cfg)
+    quantize_model(m2, cfg)
+    assert torch.equal(m1[0].s_in, m2[0].s_in)
+    assert 0.001 < float((m1[0].s_in.detach() - 1).std()) < 0.05
+
+
+def test_per_sample_routing_in_a_model_with_mixed_timesteps():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.SiLU(), nn.Conv2d(8, 8, 3, padding=1), nn.Flatten(),
+                          nn.Linear(8 * 6 * 6, 5))
+    quantize_model(model, TuneQDMConfig(bits=4, experts=4))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (QuantLinear, QuantConv2d)):
+                m.s_out.mul_(torch.arange(1, 5, dtype=torch.float32)[:, None])  # expert e scales by e+1
+    x = torch.randn(4, 3, 6, 6)
+    t = torch.tensor([10.0, 990.0, 260.0, 500.0])  # experts 0, 3, 1, 2
+    router = get_router(model)
+    with torch.no_grad(), router.route(t):
+        mixed = model(x)
+        assert router.expert_index.tolist() == [0, 3, 1, 2]
+    assert router.expert_index is None  # restored after the forward
+    with torch.no_grad():
+        for b, tb in enumerate(t):
+            with router.route(tb.reshape(1)):
+                alone = model(x[b:b + 1])
+            torch.testing.assert_close(mixed[b:b + 1], alone, rtol=1e-5, atol=1e-6)
+        with router.route(torch.tensor([10.0] * 4)):
+            all_first = model(x)
+    assert not torch.allclose(mixed[1], all_first[1])
+
+
+def test_multi_expert_model_without_routing_fails_clearly():
+    model = nn.Sequential(nn.Linear(4, 4))
+    quantize_model(model, TuneQDMConfig(bits=8, experts=2))
+    with pytest.raises(RoutingError, match="no timestep was given"):
+        model(torch.randn(1, 4))
+
+
+def test_two_quantized_models_do_not_share_routing():
+    a, b = nn.Sequential(nn.Linear(4, 4)), nn.Sequential(nn.Linear(4, 4))
+    quantize_model(a, TuneQDMConfig(bits=8, experts=2))
+    quantize_model(b, TuneQDMConfig(bits=8, experts=2))
+    with get_router(a).route(torch.tensor([900.0])):
+        assert get_router(b).expert_index is None
+        with pytest.raises(RoutingError):
+            b(torch.randn(1, 4))
+        a(torch.randn(1, 4))

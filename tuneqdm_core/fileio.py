@@ -1,0 +1,208 @@
+"""The pack's two safetensors formats, written atomically and checked thoroughly on load.
+
+- scales file: only s_out/s_in per expert. Stored as fp16 offsets from their init (s_out - s0 and
+  s_in - 1): s_in sits near 1 where fp16's step is 1e-3, larger than what training moves it, while
+  the offsets keep fp16's full relative precision. SD 1.5 with 4 experts: about 4.9 MB.
+- quantized-model file: the whole quantized state dict (packed integers, zero points, base steps,
+  scales, biases, norms...) plus the layer specs, so the float model never has to be loaded again.
+
+Both carry metadata (format, version, bits, experts, fingerprint of the quantized base model, layer
+names and shapes) and a sha256 of their tensor bytes, so truncation and corruption are reported as
+such rather than surfacing as odd numbers.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .config import TuneQDMConfig
+from .errors import FileFormatError, ModelMismatchError
+from .model import build_quantized_skeleton, fingerprint, layer_spec, model_config, quantized_layers
+from .scales import ScaleSet, check_compatible
+
+FORMAT_VERSION = "1"
+SCALES_FORMAT = "tuneqdm-scales"
+MODEL_FORMAT = "tuneqdm-quantized-model"
+
+
+@dataclass(frozen=True)
+class FileHeader:
+    format: str
+    bits: int
+    experts: int
+    train_s_in: bool
+    fingerprint: str
+    layers: dict
+    metadata: dict[str, str]
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().contiguous().cpu()
+        h.update(key.encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
+    """Write next to the target, fsync, then rename: a crash or an interrupt never leaves a half file
+    under the real name, and an existing file is replaced only by a complete one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _read(path: str | os.PathLike, expected_format: str) -> tuple[FileHeader, dict[str, torch.Tensor]]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileFormatError(f"{path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for every parse failure
+        raise FileFormatError(f"{path.name}: not a readable safetensors file (truncated or not safetensors): {e}") from None
+    fmt = meta.get("tuneqdm.format")
+    if fmt is None:
+        raise FileFormatError(f"{path.name}: a safetensors file, but not a TuneQDM file (no tuneqdm.format metadata)")
+    if fmt != expected_format:
+        raise FileFormatError(f"{path.name}: is a {fmt} file, expected a {expected_format} file")
+    if meta.get("tuneqdm.version") != FORMAT_VERSION:
+        raise FileFormatError(f"{path.name}: format version {meta.get('tuneqdm.version')}, this pack reads {FORMAT_VERSION}")
+    if _digest(tensors) != meta.get("tuneqdm.sha256"):
+        raise FileFormatError(f"{path.name}: corrupted (sha256 of its tensors does not match the one recorded in it)")
+    try:
+        header = FileHeader(fmt, int(meta["tuneqdm.bits"]), int(meta["tuneqdm.experts"]),
+                            meta["tuneqdm.train_s_in"] == "1", meta["tuneqdm.fingerprint"],
+                            json.loads(meta["tuneqdm.layers"]), meta)
+    except (KeyError, ValueError) as e:
+        raise FileFormatError(f"{path.name}: metadata incomplete or corrupted ({e})") from None
+    return header, tensors
+
+
+def _metadata(fmt: str, cfg: TuneQDMConfig, fp: str, layers: dict, tensors: dict[str, torch.Tensor],
+              extra: dict[str, str] | None) -> dict[str, str]:
+    meta = dict(extra or {})
+    meta.update({
+        "tuneqdm.format": fmt, "tuneqdm.version": FORMAT_VERSION, "tuneqdm.bits": str(cfg.bits),
+        "tuneqdm.experts": str(cfg.experts), "tuneqdm.train_s_in": "1" if cfg.train_s_in else "0",
+        "tuneqdm.fingerprint": fp, "tuneqdm.layers": json.dumps(layers, separators=(",", ":")),
+        "tuneqdm.sha256": _digest(tensors),
+    })
+    return meta
+
+
+# ---- scales files -------------------------------------------------------------------------------
+
+def save_scales(path: str | os.PathLike, scales: ScaleSet, module: nn.Module,
+                extra_metadata: dict[str, str] | None = None) -> None:
+    """Save `scales`, which must fit the quantized `module` (its base steps define the encoding)."""
+    check_compatible(scales, module)
+    layers = dict(quantized_layers(module))
+    tensors: dict[str, torch.Tensor] = {}
+    for name, (s_out, s_in) in scales.tensors.items():
+        base = layers[name].base_scale.detach().to(s_out.device, torch.float32)
+        tensors[f"{name}.s_out"] = (s_out.detach().float() - base).half()
+        tensors[f"{name}.s_in"] = (s_in.detach().float() - 1.0).half()
+    shapes = {name: [o.shape[1], i.shape[1]] for name, (o, i) in scales.tensors.items()}
+    cfg = model_config(module)
+    atomic_save(tensors, path, _metadata(SCALES_FORMAT, cfg, scales.fingerprint, shapes, tensors, extra_metadata))
+
+
+def load_scales(path: str | os.PathLike, module: nn.Module) -> ScaleSet:
+    """Read a scales file for the quantized `module`; refuse, naming the first mismatch, a file made
+    for other bits, another number of experts, other layers or another base model."""
+    header, tensors = _read(path, SCALES_FORMAT)
+    name = Path(path).name
+    cfg = model_config(module)
+    if header.bits != cfg.bits:
+        raise ModelMismatchError(f"{name}: scales for a W{header.bits} model, but this model is W{cfg.bits}")
+    if header.experts != cfg.experts:
+        raise ModelMismatchError(f"{name}: scales with {header.experts} experts, but this model has {cfg.experts}")
+    layers = dict(quantized_layers(module))
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for layer_name, (n_out, n_in) in header.layers.items():
+        m = layers.get(layer_name)
+        if m is None:
+            raise ModelMismatchError(f"{name}: has scales for layer {layer_name!r}, which this model does not have")
+        if (n_out, n_in) != (m.out_channels, m.in_channels):
+            raise ModelMismatchError(f"{name}: layer {layer_name!r} is {n_out}x{n_in} in the file, "
+                                     f"{m.out_channels}x{m.in_channels} in this model")
+        d_out, d_in = tensors[f"{layer_name}.s_out"], tensors[f"{layer_name}.s_in"]
+        base = m.base_scale.detach().float().cpu()
+        out[layer_name] = (d_out.float() + base, d_in.float() + 1.0)
+    scales = ScaleSet(out, header.bits, header.experts, header.fingerprint)
+    check_compatible(scales, module, source=name)
+    return scales.to(next(m.s_out.device for m in layers.values()))
+
+
+# ---- quantized-model files ----------------------------------------------------------------------
+
+def save_quantized_model(path: str | os.PathLike, module: nn.Module,
+                         extra_metadata: dict[str, str] | None = None) -> None:
+    """Save a whole quantized model (state dict + layer specs), so it loads without the float model."""
+    cfg = model_config(module)
+    tensors = dict(module.state_dict())
+    layers = {name: layer_spec(m) for name, m in quantized_layers(module)}
+    atomic_save(tensors, path, _metadata(MODEL_FORMAT, cfg, fingerprint(module), layers, tensors, extra_metadata))
+
+
+def read_quantized_model(path: str | os.PathLike) -> tuple[FileHeader, dict[str, torch.Tensor]]:
+    """Header and state dict of a quantized-model file, checked for integrity."""
+    return _read(path, MODEL_FORMAT)
+
+
+def header_config(header: FileHeader) -> TuneQDMConfig:
+    return TuneQDMConfig(bits=header.bits, experts=header.experts, train_s_in=header.train_s_in)
+
+
+def load_quantized_model(path: str | os.PathLike, skeleton: nn.Module) -> nn.Module:
+    """Fill `skeleton`, the float architecture (build it under `torch.device("meta")` to allocate no
+    float weights), with a quantized-model file: its Linear/Conv2d layers become quantized layers and
+    every tensor is taken from the file."""
+    header, tensors = read_quantized_model(path)
+    load_into_skeleton(skeleton, header, tensors, Path(path).name)
+    return skeleton
+
+
+def load_into_skeleton(skeleton: nn.Module, header: FileHeader, tensors: dict[str, torch.Tensor], source: str) -> None:
+    try:
+        build_quantized_skeleton(skeleton, header.layers, header_config(header))
+    except ModelMismatchError as e:
+        raise ModelMismatchError(f"{source}: {e}") from None
+    own = skeleton.state_dict(keep_vars=True)
+    missing = [k for k in own if k not in tensors]
+    unexpected = [k for k in tensors if k not in own]
+    if missing or unexpected:
+        first = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
+        raise ModelMismatchError(f"{source}: does not fit this architecture: {first} "
+                                 f"({len(missing)} missing, {len(unexpected)} unexpected tensors)")
+    for k, t in tensors.items():
+        if tuple(own[k].shape) != tuple(t.shape):
+            raise ModelMismatchError(f"{source}: does not fit this architecture: tensor {k!r} is {tuple(t.shape)} in the file, "
+                                     f"{tuple(own[k].shape)} in this architecture")
+    skeleton.load_state_dict(tensors, strict=True, assign=True)
+    for _, m in quantized_layers(skeleton):
+        # assign=True brings the file's tensors in as they are: restore which scales are trainable.
+        m.s_in.requires_grad_(header.train_s_in)
+        if m.bias is not None:
+            m.bias.requires_grad_(False)
+    if fingerprint(skeleton) != header.fingerprint:
+        raise FileFormatError(f"{source}: fingerprint does not match its own contents")

@@ -1,0 +1,76 @@
+"""A set of trained scales detached from any module: what training produces, what a scales file
+holds, and what a model clone activates for its forwards (through ExpertRouter.route(scales=...))."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import ModelMismatchError
+from .model import fingerprint, model_config, quantized_layers
+
+
+@dataclass(frozen=True)
+class ScaleSet:
+    """name -> (s_out (N, out), s_in (N, in)) for every quantized layer of one base model."""
+
+    tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    bits: int
+    experts: int
+    fingerprint: str
+
+    def to(self, device: torch.device | str) -> "ScaleSet":
+        moved = {k: (o.to(device), i.to(device)) for k, (o, i) in self.tensors.items()}
+        return ScaleSet(moved, self.bits, self.experts, self.fingerprint)
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.tensors.values()))[0].device
+
+    def num_values(self) -> int:
+        return sum(o.numel() + i.numel() for o, i in self.tensors.values())
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [t for pair in self.tensors.values() for t in pair]
+
+
+def scales_of(module: nn.Module) -> ScaleSet:
+    """A detached copy of the model's own scales."""
+    cfg = model_config(module)
+    tensors = {name: (m.s_out.detach().clone(), m.s_in.detach().clone()) for name, m in quantized_layers(module)}
+    return ScaleSet(tensors, cfg.bits, cfg.experts, fingerprint(module))
+
+
+def trainable(scales: ScaleSet, train_s_in: bool) -> ScaleSet:
+    """Fresh float32 leaf tensors to optimise; the input set is left as it was."""
+    tensors = {k: (nn.Parameter(o.detach().float().clone()),
+                   nn.Parameter(i.detach().float().clone(), requires_grad=train_s_in))
+               for k, (o, i) in scales.tensors.items()}
+    return ScaleSet(tensors, scales.bits, scales.experts, scales.fingerprint)
+
+
+def check_compatible(scales: ScaleSet, module: nn.Module, source: str = "scales") -> None:
+    """Raise ModelMismatchError naming the first way `scales` does not fit `module`."""
+    cfg = model_config(module)
+    if scales.bits != cfg.bits:
+        raise ModelMismatchError(f"{source} are for a W{scales.bits} model, but this model is W{cfg.bits}")
+    if scales.experts != cfg.experts:
+        raise ModelMismatchError(f"{source} have {scales.experts} experts, but this model has {cfg.experts}")
+    layers = dict(quantized_layers(module))
+    for name in layers:
+        if name not in scales.tensors:
+            raise ModelMismatchError(f"{source} have no entry for layer {name!r} of this model")
+    for name, (s_out, s_in) in scales.tensors.items():
+        m = layers.get(name)
+        if m is None:
+            raise ModelMismatchError(f"{source} name layer {name!r}, which this model does not have")
+        if tuple(s_out.shape) != tuple(m.s_out.shape) or tuple(s_in.shape) != tuple(m.s_in.shape):
+            raise ModelMismatchError(
+                f"layer {name!r}: {source} have s_out {tuple(s_out.shape)} / s_in {tuple(s_in.shape)}, "
+                f"this model has {tuple(m.s_out.shape)} / {tuple(m.s_in.shape)}")
+    fp = fingerprint(module)
+    if scales.fingerprint != fp:
+        raise ModelMismatchError(
+            f"{source} were trained on another base model (fingerprint {scales.fingerprint}, this model {fp}): "
+            "same architecture, different weights or quantization")
