@@ -34,8 +34,8 @@ class QuantReport:
 
     def summary(self) -> str:
         ratio = self.bytes_after / self.bytes_before if self.bytes_before else float("nan")
-        lines = [f"TuneQDM: quantized {len(self.converted)} layers in {self.seconds:.1f} s; weights "
-                 f"{self.bytes_before / 2**20:.1f} MiB -> {self.bytes_after / 2**20:.1f} MiB ({ratio:.3f}x)"]
+        lines = [f"TuneQDM: quantized {len(self.converted)} layers in {self.seconds:.2f} s; weights "
+                 f"{self.bytes_before:,} B -> {self.bytes_after:,} B ({ratio:.4f}x)"]
         lines += [f"  kept in float: {name} ({why})" for name, why in self.skipped]
         return "\n".join(lines)
 
