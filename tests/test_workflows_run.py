@@ -1,0 +1,60 @@
+"""Every workflow in workflows/api/ runs in the real server (on the random-weight test checkpoint, with a
+small latent and few steps so it is quick), and the save -> load pair reproduces its own output."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from assets import asset_cache_dir, install, output_files, write_tiny_sd15_checkpoint
+
+pytestmark = pytest.mark.server
+API_DIR = Path(__file__).resolve().parents[1] / "workflows" / "api"
+
+
+def load_for_test(name: str, ckpt: str) -> dict:
+    graph = json.loads((API_DIR / f"{name}.json").read_text())
+    for node in graph.values():
+        inputs = node["inputs"]
+        if node["class_type"] == "CheckpointLoaderSimple":
+            inputs["ckpt_name"] = ckpt
+        if node["class_type"] == "EmptyLatentImage":
+            inputs.update(width=64, height=64)
+        if "steps" in inputs:
+            inputs["steps"] = 4
+    return graph
+
+
+def images(server, entry) -> list[np.ndarray]:
+    return [np.asarray(Image.open(p)) for p in output_files(entry, server.output_dir)]
+
+
+@pytest.fixture(scope="module")
+def ckpt(comfy_server, comfy_models_dir) -> str:
+    asset = write_tiny_sd15_checkpoint(asset_cache_dir() / "tiny_sd15.safetensors")
+    return install(asset.path, comfy_models_dir / "checkpoints").name
+
+
+def test_every_api_workflow_is_exercised_here():
+    assert sorted(p.stem for p in API_DIR.glob("*.json")) == sorted(
+        ["quantize_and_sample", "load_quantized_and_scales", "float_vs_w8_vs_w4"])
+
+
+def test_quantize_then_load_workflows_give_the_same_image(comfy_server, ckpt):
+    first = comfy_server.run(load_for_test("quantize_and_sample", ckpt), check=True)
+    assert (comfy_server.models_dir / "tuneqdm" / "tuneqdm_unet.safetensors").is_file()
+    assert (comfy_server.models_dir / "tuneqdm" / "tuneqdm_scales.safetensors").is_file()
+    second = comfy_server.run(load_for_test("load_quantized_and_scales", ckpt), check=True)
+    (a,), (b,) = images(comfy_server, first), images(comfy_server, second)
+    assert a.std() > 0
+    np.testing.assert_array_equal(a, b)
+
+
+def test_float_w8_w4_side_by_side(comfy_server, ckpt):
+    entry = comfy_server.run(load_for_test("float_vs_w8_vs_w4", ckpt), check=True)
+    batch = images(comfy_server, entry)
+    assert len(batch) == 3
+    assert not np.array_equal(batch[0], batch[2])  # W4 is not the float model
