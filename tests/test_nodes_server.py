@@ -234,9 +234,31 @@ def test_bad_inputs_fail_with_a_message_on_the_node(comfy_server, ckpt):
         comfy_server.queue(load_scales_graph("bad/missing.safetensors"))
     with pytest.raises(ComfyError, match="bits"):
         comfy_server.queue(load_scales_graph("bad/w8.safetensors", bits="3"))
+    wrong_type = load_scales_graph("bad/w8.safetensors", model_from_quantize=False)
+    loader = next(k for k, n in wrong_type.items() if n["class_type"] == "CheckpointLoaderSimple")
+    scales_node = next(n for n in wrong_type.values() if n["class_type"] == "TuneQDMLoadScales")
+    scales_node["inputs"]["model"] = [loader, 1]  # a CLIP where a MODEL belongs
+    with pytest.raises(ComfyError, match="(?i)mismatch"):
+        comfy_server.queue(wrong_type)
 
     g, t2i = base_graph(ckpt, "bad")
     s = routed_sampler(g, t2i, quantize(g, t2i.model, experts=4).out(0), routing="fixed expert", fixed_expert=6)
     t2i.decode.set(samples=s.out(0))
     g.remove(t2i.sampler)
     assert "fixed expert 6 does not exist: this model has experts 0..3" in error_of(comfy_server, g.to_api())
+
+
+def test_full_size_sd15_unet_loads_through_the_stock_loader_and_quantizes(comfy_server, comfy_models_dir):
+    from assets import SD15_UNET_PARAMS, write_sd15_unet
+
+    asset = write_sd15_unet(asset_cache_dir() / "sd15_unet_full_fp16.safetensors", full_size=True)
+    name = install(asset.path, comfy_models_dir / "diffusion_models").name
+    g = Graph()
+    unet = g.node("UNETLoader", unet_name=name, weight_dtype="default")
+    report = preview(g, quantize(g, unet.out(0), bits="4").out(1))
+    text = text_of(comfy_server.run(g.to_api(), timeout=900, check=True), report)
+    m = re.search(r"quantized (\d+) layers in ([\d.]+) s; weights ([\d,]+) B -> ([\d,]+) B", text)
+    assert m, text
+    assert int(m[1]) == 282  # every Linear and Conv2d of SD1.5
+    after = int(m[4].replace(",", ""))
+    assert after <= 0.14 * 4 * SD15_UNET_PARAMS, text  # W4 against float32 bytes; the time is benchmarked
