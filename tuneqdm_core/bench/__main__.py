@@ -1,0 +1,32 @@
+"""`python -m tuneqdm_core.bench <command> ...`
+
+Each command is a module of this package with `add_arguments(parser)` and `main(args) -> int`;
+adding one is one line in COMMANDS. Only the chosen command's module is imported.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name: (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "memory": ("tuneqdm_core.bench.memory", "peak memory and time of one training step, per variant"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="python -m tuneqdm_core.bench", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    chosen = argv[0] if argv and argv[0] in COMMANDS else None
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        if name == chosen:
+            importlib.import_module(module).add_arguments(p)
+    args = parser.parse_args(argv)
+    return int(importlib.import_module(COMMANDS[args.command][0]).main(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
