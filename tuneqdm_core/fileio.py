@@ -131,11 +131,6 @@ def load_scales(path: str | os.PathLike, module: nn.Module) -> ScaleSet:
     for other bits, another number of experts, other layers or another base model."""
     header, tensors = _read(path, SCALES_FORMAT)
     name = Path(path).name
-    cfg = model_config(module)
-    if header.bits != cfg.bits:
-        raise ModelMismatchError(f"{name}: scales for a W{header.bits} model, but this model is W{cfg.bits}")
-    if header.experts != cfg.experts:
-        raise ModelMismatchError(f"{name}: scales with {header.experts} experts, but this model has {cfg.experts}")
     layers = dict(quantized_layers(module))
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for layer_name, (n_out, n_in) in header.layers.items():
@@ -149,7 +144,7 @@ def load_scales(path: str | os.PathLike, module: nn.Module) -> ScaleSet:
         base = m.base_scale.detach().float().cpu()
         out[layer_name] = (d_out.float() + base, d_in.float() + 1.0)
     scales = ScaleSet(out, header.bits, header.experts, header.fingerprint)
-    check_compatible(scales, module, source=name)
+    check_compatible(scales, module, source=name)  # bits, experts, layers, base model: first mismatch
     return scales.to(next(m.s_out.device for m in layers.values()))
 
 
