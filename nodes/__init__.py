@@ -3,6 +3,7 @@ from . import folders
 from .file_nodes import LoadQuantizedUNet, LoadScales, SaveQuantizedUNet, SaveScales
 from .quantize_node import QuantizeUNet
 from .sampler_node import ExpertRoutedSampler
+from .train_node import TrainScales
 
 folders.register()
 
@@ -13,6 +14,7 @@ NODE_CLASS_MAPPINGS = {
     "TuneQDMSaveScales": SaveScales,
     "TuneQDMLoadScales": LoadScales,
     "TuneQDMExpertRoutedSampler": ExpertRoutedSampler,
+    "TuneQDMTrainScales": TrainScales,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -22,4 +24,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "TuneQDMSaveScales": "Save Scales (TuneQDM)",
     "TuneQDMLoadScales": "Load Scales (TuneQDM)",
     "TuneQDMExpertRoutedSampler": "Expert-Routed Sampler (TuneQDM)",
+    "TuneQDMTrainScales": "Train TuneQDM Scales",
 }

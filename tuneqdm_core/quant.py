@@ -99,8 +99,16 @@ def integer_weight(packed: torch.Tensor, zero: torch.Tensor, bits: int, shape: t
     k = 1
     for d in shape[1:]:
         k *= d
-    q = unpack(packed, bits, k)
-    a = q.to(dtype) - zero.to(dtype)[:, None]
+    out = packed.shape[0]
+    if bits > 4:
+        a = packed.to(dtype)
+    else:
+        # Nibbles go straight into the float buffer: no full-size uint8 intermediate.
+        a = torch.empty(out, 2 * packed.shape[1], dtype=dtype, device=packed.device)
+        a[:, 0::2] = packed & 0xF
+        a[:, 1::2] = packed >> 4
+        a = a[:, :k]
+    a -= zero.to(dtype)[:, None]
     return a.reshape(shape)
 
 
