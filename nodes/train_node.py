@@ -51,10 +51,10 @@ class TrainScales:
                    "(DreamBooth-style): each step draws a timestep per sample and updates only that timestep's "
                    "expert. Interrupting stops after the current step and returns what was trained so far.")
     CATEGORY = CATEGORY
-    RETURN_TYPES = ("MODEL", SCALES_TYPE, "IMAGE")
-    RETURN_NAMES = ("model", "scales", "loss_curve")
+    RETURN_TYPES = ("MODEL", SCALES_TYPE, "IMAGE", "STRING")
+    RETURN_NAMES = ("model", "scales", "loss_curve", "report")
     OUTPUT_TOOLTIPS = ("A clone of the MODEL sampling with the trained scales.", "The trained scales (wire into Save Scales).",
-                       "Training loss per expert.")
+                       "Training loss per expert.", "Steps done, samples per expert, time.")
     FUNCTION = "train"
 
     @classmethod
@@ -123,21 +123,29 @@ class TrainScales:
         bar = comfy.utils.ProgressBar(steps)
         started = time.perf_counter()
 
+        interrupted = False
+
         def on_step(step: int, loss: float) -> None:
-            bar.update_absolute(step, steps)
+            nonlocal interrupted
             if step == 1 or step % 10 == 0 or step == steps:
                 logging.info("TuneQDM train: step %d/%d loss %.5f", step, steps, loss)
+            try:
+                bar.update_absolute(step, steps)
+            except comfy.model_management.InterruptProcessingException:
+                interrupted = True  # ComfyUI's progress hook saw the interrupt button (and cleared it)
 
         def should_stop() -> bool:
+            nonlocal interrupted
             if comfy.model_management.processing_interrupted():
                 comfy.model_management.interrupt_current_processing(False)  # handled: return what we have
-                return True
-            return False
+                interrupted = True
+            return interrupted
 
         try:
             with torch.inference_mode(False), torch.enable_grad(), grad_ready(dm):
                 data = [SampleSet(lat.to(device).clone(), i, prior) for i, (lat, _, prior) in enumerate(encoded)]
-                result = train_scales(dm, start, data, loss_fn, config, on_step, should_stop)
+                result = train_scales(dm, start, data, loss_fn, config, on_step, should_stop,
+                                      stop_exceptions=(comfy.model_management.InterruptProcessingException,))
         except NonFiniteLossError as e:
             path = folders.output_path(time.strftime("tuneqdm_recovered_%Y%m%d-%H%M%S"))
             save_scales(path, e.result.scales, dm)
@@ -146,6 +154,10 @@ class TrainScales:
         status = "PARTIAL (interrupted)" if result.partial else "complete"
         logging.info("TuneQDM train: %s, %d/%d steps in %.1f s", status, result.steps_done, steps, seconds)
         title = f"TuneQDM loss per expert: {result.steps_done}/{steps} steps, {status}, {seconds:.0f} s"
-        curve = loss_curve_image(result.expert_curves(start.experts), steps, title)
+        curves = result.expert_curves(start.experts)
+        curve = loss_curve_image(curves, steps, title)
+        last = [f"{c[-1][1]:.4f}" if c else "-" for c in curves]
+        report = (f"{status}: {result.steps_done}/{steps} steps in {seconds:.1f} s\n"
+                  f"samples per expert: {[len(c) for c in curves]}\nlast loss per expert: {last}")
         trained = with_routing(model, routing_of(model).with_changes(scales=result.scales))
-        return (trained, result.scales, curve)
+        return (trained, result.scales, curve, report)

@@ -131,3 +131,23 @@ def test_non_finite_loss_stops_with_the_last_finite_scales():
 def test_empty_image_batch_is_refused():
     with pytest.raises(ValueError, match="empty image batch"):
         SampleSet(torch.zeros(0, 3, 8, 8), cond=0)
+
+
+def test_an_exception_the_caller_names_ends_the_run_and_drops_that_step():
+    class Interrupt(Exception):
+        pass
+
+    model = quantized_denoiser(TuneQDMConfig(bits=4, experts=2))
+    good = make_loss(model)
+    calls = [0]
+
+    def interrupted_in_step_3(x0, t, cond):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise Interrupt()
+        return good(x0, t, cond)
+
+    result = train_scales(model, scales_of(model), [SampleSet(torch.randn(1, 3, 8, 8), 0)], interrupted_in_step_3,
+                          TrainConfig(steps=10, checkpointing=False), stop_exceptions=(Interrupt,))
+    assert result.partial and result.steps_done == 2
+    assert max(step for step, _, _ in result.history) == 2

@@ -89,13 +89,15 @@ def _snapshot(scales: ScaleSet) -> ScaleSet:
 
 def train_scales(model: nn.Module, start: ScaleSet, data: Sequence[SampleSet], loss_fn: LossFn,
                  config: TrainConfig, on_step: Callable[[int, float], None] | None = None,
-                 should_stop: Callable[[], bool] | None = None) -> TrainResult:
+                 should_stop: Callable[[], bool] | None = None,
+                 stop_exceptions: tuple[type[BaseException], ...] = ()) -> TrainResult:
     """Train a copy of `start` on `data`; `model` (quantized) is only read. `on_step(step, loss)` after
-    each step (progress); `should_stop()` before each step: True ends the run early, result marked partial."""
+    each step (progress); `should_stop()` before each step: True ends the run early, result marked
+    partial. One of `stop_exceptions` raised inside a step (a host's interrupt) ends the run the same
+    way: that step is dropped, the scales are those of the last complete step."""
     if not data:
         raise ValueError("no training images")
     router = get_router(model)
-    n_exp = router.num_experts
     scales = trainable(start, config.train_s_in)
     groups = [dict(params=[o for o, _ in scales.tensors.values()], lr=config.lr_s_out)]
     if config.train_s_in:
@@ -114,35 +116,50 @@ def train_scales(model: nn.Module, start: ScaleSet, data: Sequence[SampleSet], l
                 partial = True
                 break
             opt.zero_grad(set_to_none=True)
-            used: set[int] = set()
-            total = 0.0
-            for kind, weight in ((instance, 1.0), (prior, config.prior_weight)):
-                if not kind:
-                    continue
-                # Each of the step's samples picks a set (subject) then an image, so two subjects are
-                # trained equally however many images each has.
-                picks = torch.randint(len(kind), (config.batch_size,), generator=gen).tolist()
-                for set_index in sorted(set(picks)):
-                    s = kind[set_index]
-                    n = picks.count(set_index)
-                    idx = torch.randint(s.latents.shape[0], (n,), generator=gen)
-                    t = torch.rand(n, generator=gen) * 1000.0
-                    experts = expert_of_timestep(t, n_exp)
-                    with router.route(experts=experts, scales=scales.tensors):
-                        per_sample = loss_fn(s.latents[idx], t, s.cond)
-                        loss = per_sample.sum() * (weight / config.batch_size)  # mean over the step's samples
-                        if not torch.isfinite(loss):
-                            raise NonFiniteLossError(
-                                f"non-finite loss at step {step + 1} (timesteps {t.tolist()}); training stopped, "
-                                f"the scales of step {steps_done} are kept",
-                                TrainResult(_snapshot(scales), steps_done, True, history))
-                        loss.backward()
-                    total += float(loss.detach())
-                    used.update(experts.tolist())
-                    history.extend((step + 1, int(e), float(v)) for e, v in zip(experts, per_sample.detach()))
+            try:
+                total, used, records = _step_gradients(router, scales, instance, prior, loss_fn, config, gen,
+                                                       step, steps_done, history)
+            except stop_exceptions:
+                partial = True
+                break
             torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
             opt.step(torch.tensor(sorted(used)))
+            history.extend(records)
             steps_done = step + 1
             if on_step is not None:
                 on_step(steps_done, total)
     return TrainResult(_snapshot(scales), steps_done, partial, history)
+
+
+def _step_gradients(router, scales: ScaleSet, instance: list[SampleSet], prior: list[SampleSet], loss_fn: LossFn,
+                    config: TrainConfig, gen: torch.Generator, step: int,
+                    steps_done: int, history: list) -> tuple[float, set[int], list[tuple[int, int, float]]]:
+    """Forward and backward of one step's samples: the step's loss, the experts used, per-sample records."""
+    used: set[int] = set()
+    records: list[tuple[int, int, float]] = []
+    total = 0.0
+    for kind, weight in ((instance, 1.0), (prior, config.prior_weight)):
+        if not kind:
+            continue
+        # Each sample picks a set (a subject) and then an image, so two subjects are trained equally
+        # however many images each has.
+        picks = torch.randint(len(kind), (config.batch_size,), generator=gen).tolist()
+        for set_index in sorted(set(picks)):
+            s = kind[set_index]
+            n = picks.count(set_index)
+            idx = torch.randint(s.latents.shape[0], (n,), generator=gen)
+            t = torch.rand(n, generator=gen) * 1000.0
+            experts = expert_of_timestep(t, router.num_experts)
+            with router.route(experts=experts, scales=scales.tensors):
+                per_sample = loss_fn(s.latents[idx], t, s.cond)
+                loss = per_sample.sum() * (weight / config.batch_size)  # mean over the step's samples
+                if not torch.isfinite(loss):
+                    raise NonFiniteLossError(
+                        f"non-finite loss at step {step + 1} (timesteps {t.tolist()}); training stopped, "
+                        f"the scales of step {steps_done} are kept",
+                        TrainResult(_snapshot(scales), steps_done, True, list(history)))
+                loss.backward()
+            total += float(loss.detach())
+            used.update(experts.tolist())
+            records.extend((step + 1, int(e), float(v)) for e, v in zip(experts, per_sample.detach()))
+    return total, used, records
