@@ -25,6 +25,8 @@ def load_for_test(name: str, ckpt: str) -> dict:
             inputs.update(width=64, height=64)
         if "steps" in inputs:
             inputs["steps"] = 4
+        if "resolution" in inputs:
+            inputs["resolution"] = 64
     return graph
 
 
@@ -40,7 +42,7 @@ def ckpt(comfy_server, comfy_models_dir) -> str:
 
 def test_every_api_workflow_is_exercised_here():
     assert sorted(p.stem for p in API_DIR.glob("*.json")) == sorted(
-        ["quantize_and_sample", "load_quantized_and_scales", "float_vs_w8_vs_w4"])
+        ["quantize_and_sample", "load_quantized_and_scales", "float_vs_w8_vs_w4", "train_subject"])
 
 
 def test_quantize_then_load_workflows_give_the_same_image(comfy_server, ckpt):
@@ -58,3 +60,12 @@ def test_float_w8_w4_side_by_side(comfy_server, ckpt):
     batch = images(comfy_server, entry)
     assert len(batch) == 3
     assert not np.array_equal(batch[0], batch[2])  # W4 is not the float model
+
+
+def test_train_subject_workflow(comfy_server, ckpt):
+    rng = np.random.default_rng(0)
+    for i in range(3):  # the workflow's subject images, made here
+        Image.fromarray(rng.integers(0, 255, (96, 80, 3), dtype=np.uint8)).save(comfy_server.input_dir / f"subject_{i}.png")
+    entry = comfy_server.run(load_for_test("train_subject", ckpt), timeout=900, check=True)
+    assert len(images(comfy_server, entry)) == 2  # the loss curve and the sample
+    assert (comfy_server.models_dir / "tuneqdm" / "tuneqdm_subject_scales.safetensors").is_file()
