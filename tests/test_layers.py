@@ -201,3 +201,10 @@ def test_two_quantized_models_do_not_share_routing():
         with pytest.raises(RoutingError):
             b(torch.randn(1, 4))
         a(torch.randn(1, 4))
+
+
+def test_quantizing_a_quantized_model_is_refused():
+    model = nn.Sequential(nn.Linear(4, 4))
+    quantize_model(model, TuneQDMConfig(bits=8, experts=2))
+    with pytest.raises(ValueError, match="already TuneQDM-quantized"):
+        quantize_model(model, TuneQDMConfig(bits=4, experts=2))

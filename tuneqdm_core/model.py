@@ -98,6 +98,8 @@ def quantize_model(module: nn.Module, config: TuneQDMConfig, *, compute_device: 
     `weight_transform(name, weight)` returns the weight to quantize in place of the layer's own (e.g.
     with a LoRA merged in); it runs one layer at a time, so at most one extra float weight exists.
     """
+    if is_quantized(module):
+        raise ValueError("this model is already TuneQDM-quantized; quantize the float model instead")
     start = time.perf_counter()
     report = QuantReport(bytes_before=tensor_bytes(module))
     router = ExpertRouter(config.experts)
