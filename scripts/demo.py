@@ -11,9 +11,22 @@ import sys
 import time
 from pathlib import Path
 
-from pack_runner import REPO, ComfyServer, asset_cache_dir, install, output_files, texts, workflow, write_tiny_sd15_checkpoint
+import numpy as np
+from PIL import Image
+
+from pack_runner import (REPO, ComfyServer, adapted_workflow, asset_cache_dir, install, output_files, texts,
+                         write_tiny_sd15_checkpoint)
 
 SIZE, STEPS = 256, 12
+
+
+def write_subject_images(folder: Path) -> None:
+    """The train_subject workflow's three subject pictures: a bright disc, moved and recoloured."""
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE]
+    for i in range(3):
+        img = np.full((SIZE, SIZE, 3), 30, np.uint8)
+        img[(yy - SIZE // 2 - 8 * i) ** 2 + (xx - SIZE // 2 + 10 * i) ** 2 < (SIZE // 4 + 6 * i) ** 2] = (230, 170 - 30 * i, 60)
+        Image.fromarray(img).save(folder / f"subject_{i}.png")
 
 
 def main() -> int:
@@ -26,10 +39,11 @@ def main() -> int:
     with ComfyServer() as server:
         print(f"[demo] ComfyUI running at {server.url}", flush=True)
         ckpt = install(asset.path, server.models_dir / "checkpoints").name
-        for name in ("quantize_and_sample", "load_quantized_and_scales", "float_vs_w8_vs_w4"):
+        write_subject_images(server.input_dir)
+        for name in ("quantize_and_sample", "load_quantized_and_scales", "float_vs_w8_vs_w4", "train_subject"):
             print(f"[demo] running workflows/api/{name}.json ...", flush=True)
             start = time.perf_counter()
-            entry = server.run(workflow(name, ckpt, SIZE, STEPS), timeout=900, check=True)
+            entry = server.run(adapted_workflow(name, ckpt, SIZE, STEPS), timeout=900, check=True)
             seconds = time.perf_counter() - start
             report += [f"## {name} ({seconds:.1f} s)", ""]
             for path in output_files(entry, server.output_dir):

@@ -670,3 +670,20 @@ def execution_seconds(history_entry: Mapping[str, Any]) -> float | None:
     if stamps.get("execution_start") is None or end is None:
         return None
     return (end - stamps["execution_start"]) / 1000.0
+
+
+def adapted_workflow(name: str, ckpt: str, size: int, steps: int) -> dict[str, Any]:
+    """workflows/api/<name>.json made to run here: the checkpoint replaced by `ckpt`, latents and training
+    images `size` pixels square, every `steps` input (samplers, training) set to `steps`."""
+    graph = json.loads((REPO_ROOT / "workflows" / "api" / f"{name}.json").read_text())
+    for node in graph.values():
+        inputs = node["inputs"]
+        if node["class_type"] == "CheckpointLoaderSimple":
+            inputs["ckpt_name"] = ckpt
+        if node["class_type"] == "EmptyLatentImage":
+            inputs.update(width=size, height=size)
+        if "resolution" in inputs:
+            inputs["resolution"] = size
+        if "steps" in inputs:
+            inputs["steps"] = steps
+    return graph

@@ -2,32 +2,20 @@
 small latent and few steps so it is quick), and the save -> load pair reproduces its own output."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from assets import asset_cache_dir, install, output_files, write_tiny_sd15_checkpoint
+from assets import adapted_workflow, asset_cache_dir, install, output_files, write_tiny_sd15_checkpoint
 
 pytestmark = pytest.mark.server
 API_DIR = Path(__file__).resolve().parents[1] / "workflows" / "api"
 
 
 def load_for_test(name: str, ckpt: str) -> dict:
-    graph = json.loads((API_DIR / f"{name}.json").read_text())
-    for node in graph.values():
-        inputs = node["inputs"]
-        if node["class_type"] == "CheckpointLoaderSimple":
-            inputs["ckpt_name"] = ckpt
-        if node["class_type"] == "EmptyLatentImage":
-            inputs.update(width=64, height=64)
-        if "steps" in inputs:
-            inputs["steps"] = 4
-        if "resolution" in inputs:
-            inputs["resolution"] = 64
-    return graph
+    return adapted_workflow(name, ckpt, size=64, steps=4)
 
 
 def images(server, entry) -> list[np.ndarray]:
