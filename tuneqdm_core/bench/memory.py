@@ -45,7 +45,10 @@ EXPERTS = 4
 LR, WEIGHT_DECAY = 3e-6, 1e-2
 NUM_TIMESTEPS = 1000
 RESULT_TAG = "TUNEQDM_BENCH_RESULT "
-MEASURES = ("peak_above_baseline", "peak_rss")  # the first is the one the targets are judged on
+# Peak measures, the first is the one the targets are judged on. CPU: peak RSS above the RSS right after the
+# imports (the analogue of torch.cuda.max_memory_allocated, which leaves out the runtime), and peak RSS.
+MEASURES = {"cpu": ("peak_above_baseline", "peak_rss"),
+            "cuda": ("cuda_max_allocated", "peak_above_baseline", "peak_rss")}
 # (label, numerator (variant, checkpointing), denominator, at most)
 TARGETS = (
     ("W4 / fp32 full fine-tuning, both with checkpointing", ("w4", True), ("fp32-full", True), 0.10),
@@ -258,18 +261,18 @@ def run_one(variant: str, latent: int, checkpointing: bool, tiny: bool = False, 
     trainable = [p for p in model.parameters() if p.requires_grad]
     state = [v for s in setup.optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
     setup.optimizer.zero_grad(set_to_none=True)
+    peak = peak_rss()
     result = {
         "variant": variant, "latent": latent, "checkpointing": checkpointing, "tiny": tiny,
         "device": str(dev), "status": "ok", "timestep": int(t[0]), "loss": float(loss.detach()),
         "step_s": step_s, "build_s": build_s,
-        "baseline_rss": baseline, "peak_rss": peak_rss(), "peak_above_baseline": peak_rss() - baseline,
+        "baseline_rss": baseline, "peak_rss": peak, "peak_above_baseline": peak - baseline,
         "model_bytes": tensor_bytes(model), "optimizer_state_bytes": sum(v.numel() * v.element_size() for v in state),
         "trainable_params": sum(p.numel() for p in trainable), "params": sum(p.numel() for p in model.parameters()),
         "stages": marks, **setup.info,
     }
     if dev.type == "cuda":
         result["cuda_max_allocated"] = torch.cuda.max_memory_allocated(dev)
-        result["peak_above_baseline"] = result["cuda_max_allocated"]
     return result
 
 
@@ -324,6 +327,34 @@ def spawn_one(variant: str, latent: int, checkpointing: bool, args: argparse.Nam
     return {**row, "status": "failed", "reason": reason}
 
 
+def spawn_retrying(variant: str, latent: int, checkpointing: bool, args: argparse.Namespace) -> dict:
+    """spawn_one, tried again (after a pause) when the memory guard stopped it: on a shared machine
+    other processes' memory comes and goes."""
+    for attempt in range(args.retries + 1):
+        row = spawn_one(variant, latent, checkpointing, args)
+        if row.get("status") == "ok" or "memory guard" not in row.get("reason", "") or attempt == args.retries:
+            return {**row, "attempts": attempt + 1}
+        print(f"[memory]   {row['reason']}; trying again in {args.retry_wait_s:.0f} s", file=sys.stderr, flush=True)
+        time.sleep(args.retry_wait_s)
+    raise AssertionError("unreachable")
+
+
+def merge_saved(paths: list[str]) -> tuple[list[dict], list]:
+    """Rows of saved --json runs; a successful row replaces an earlier one of the same key."""
+    rows: dict[tuple, dict] = {}
+    versions = []
+    for path in paths:
+        saved = json.loads(Path(path).read_text())
+        versions.append({"file": str(path), **saved.get("code", {})})
+        for r in saved["results"]:
+            key = (r["latent"], r["variant"], r["checkpointing"])
+            if key not in rows or r.get("status") == "ok" or rows[key].get("status") != "ok":
+                rows[key] = r
+    order = {v: i for i, v in enumerate(VARIANTS)}
+    ordered = sorted(rows.values(), key=lambda r: (r["latent"], order[r["variant"]], not r["checkpointing"]))
+    return ordered, versions
+
+
 def guard(variant: str, latent: int, checkpointing: bool, done: list[dict], reserve: float) -> str | None:
     """Why this run should be skipped, or None. A larger latent never needs less than a smaller one
     of the same variant needed, so that peak is a lower bound of this run's."""
@@ -346,13 +377,15 @@ def find(rows: list[dict], variant: str, checkpointing: bool, latent: int) -> di
     return None
 
 
-def targets(rows: list[dict], latent: int) -> list[dict]:
-    """The targets, from measured rows only: one entry per target and measure."""
+def targets(rows: list[dict], latent: int, measures: tuple[str, ...] = MEASURES["cpu"],
+            primary: bool = True) -> list[dict]:
+    """The targets, from measured rows only: one entry per target and measure. They are set for the
+    primary latent (32x32); at other sizes the same ratios are shown for information."""
     out = []
     for label, num, den, limit in TARGETS:
         a, b = find(rows, *num, latent), find(rows, *den, latent)
-        for measure in MEASURES:
-            entry = {"target": label, "latent": latent, "measure": measure, "judged": measure == MEASURES[0],
+        for measure in measures:
+            entry = {"target": label, "latent": latent, "measure": measure, "judged": primary and measure == measures[0],
                      "limit": limit, "numerator": list(num), "denominator": list(den)}
             if a is None or b is None or measure not in a or measure not in b:
                 entry.update(ratio=None, met=None)
@@ -361,6 +394,15 @@ def targets(rows: list[dict], latent: int) -> list[dict]:
                 entry.update(ratio=ratio, met=ratio <= limit)
             out.append(entry)
     return out
+
+
+def note(r: dict) -> str:
+    if r.get("status") != "ok":
+        return r.get("reason", "")
+    text = f"{r['peak_above_baseline'] / GiB:.2f} GiB above baseline"
+    if "cuda_max_allocated" in r:
+        text += f", cuda max allocated {r['cuda_max_allocated']:,} B"
+    return text
 
 
 def format_table(rows: list[dict]) -> str:
@@ -373,15 +415,18 @@ def format_table(rows: list[dict]) -> str:
                       f"{r['peak_rss']:,}" if ok else "-", f"{r['peak_above_baseline']:,}" if ok else "-",
                       f"{r['baseline_rss']:,}" if ok else "-", f"{r['step_s']:.2f}" if ok else "-",
                       f"{r['build_s']:.1f}" if ok else "-", r.get("device", "-"),
-                      f"{r['peak_above_baseline'] / GiB:.2f} GiB above baseline" if ok else r.get("reason", "")))
+                      note(r)))
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     return "\n".join("  ".join(c.rjust(w) if i in (3, 4, 5, 6, 7) else c.ljust(w)
                                for i, (c, w) in enumerate(zip(line, widths))).rstrip() for line in lines)
 
 
-def format_targets(entries: list[dict]) -> str:
-    lines = [f"Targets (judged on {MEASURES[0]}: peak RSS minus the RSS right after imports, the CPU analogue of "
-             "torch.cuda.max_memory_allocated; peak_rss, torch runtime included, shown too):"]
+def format_targets(entries: list[dict], measures: tuple[str, ...]) -> str:
+    why = {"peak_above_baseline": "peak RSS minus the RSS right after the imports, the CPU analogue of "
+                                  "torch.cuda.max_memory_allocated",
+           "cuda_max_allocated": "torch.cuda.max_memory_allocated"}[measures[0]]
+    lines = [f"Targets, set at the primary latent, judged on {measures[0]} ({why}); the other measures "
+             "(peak_rss: the torch runtime included) and latents are shown for information:"]
     for e in entries:
         verdict = "not measured" if e["met"] is None else ("MET" if e["met"] else "MISSED")
         ratio = "-" if e["ratio"] is None else f"{e['ratio']:.4f}"
@@ -391,38 +436,57 @@ def format_targets(entries: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_all(args: argparse.Namespace) -> int:
+def run_all(args: argparse.Namespace) -> list[dict]:
+    """Every variant, with and without checkpointing, at the primary latent and any extra ones."""
     primary = 8 if args.tiny else 32
-    latents = [primary] + [n for n in dict.fromkeys(args.latent or []) if n != primary]
     rows: list[dict] = []
-    for latent in latents:
+    for latent in [primary] + [n for n in dict.fromkeys(args.latent or []) if n != primary]:
         for variant in args.variants:
             for ckpt in (True, False):
                 why = guard(variant, latent, ckpt, rows, args.reserve_gib)
                 print(f"[memory] {variant} latent {latent} checkpointing {'on' if ckpt else 'off'} ...",
                       file=sys.stderr, flush=True)
                 row = ({"variant": variant, "latent": latent, "checkpointing": ckpt, "tiny": args.tiny,
-                        "status": "skipped", "reason": why} if why else spawn_one(variant, latent, ckpt, args))
+                        "status": "skipped", "reason": why} if why else spawn_retrying(variant, latent, ckpt, args))
                 print(f"[memory]   -> {row.get('status')}: "
                       + (f"peak_rss {row['peak_rss']:,} B, step {row['step_s']:.2f} s" if row.get("status") == "ok"
                          else row.get("reason", "")), file=sys.stderr, flush=True)
                 rows.append(row)
-    entries = [e for n in latents for e in targets(rows, n)]
-    device = next((r["device"] for r in rows if "device" in r), args.device)
-    unet = meta_unet(args.tiny)
+    return rows
+
+
+def code_version() -> dict:
+    """The commit measured, and which core files differed from it (others edit while benchmarks run)."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        def git(*a: str) -> str:
+            return subprocess.run(["git", *a], cwd=root, capture_output=True, text=True, timeout=30).stdout.strip()
+        return {"commit": git("rev-parse", "--short", "HEAD"),
+                "modified": git("status", "--porcelain", "--", "tuneqdm_core").splitlines()}
+    except (OSError, subprocess.SubprocessError):
+        return {}
+
+
+def report(rows: list[dict], tiny: bool, as_json: bool, default_device: str = "cpu",
+           version: dict | list | None = None) -> None:
+    """The table (or JSON) and the targets, computed from the measured rows."""
+    latents = list(dict.fromkeys(r["latent"] for r in rows))
+    device = next((r["device"] for r in rows if "device" in r), default_device)
+    measures = MEASURES[torch.device(device).type]
+    entries = [e for n in latents for e in targets(rows, n, measures, primary=n == latents[0] and not tiny)]
+    unet = meta_unet(tiny)
     arch = {"params": sum(p.numel() for p in unet.parameters()), "linear_conv2d_layers": count_layers(unet)}
-    if args.json:
+    if as_json:
         print(json.dumps({"benchmark": "memory", "attention": ATTENTION, "device": device,
                           "torch": torch.__version__, "threads": torch.get_num_threads(), "experts": EXPERTS,
-                          "unet": arch, "judged_measure": MEASURES[0], "results": rows, "targets": entries}, indent=1))
-    else:
-        print(f"attention: {ATTENTION}; device: {device}; torch {torch.__version__}, "
-              f"{torch.get_num_threads()} threads; batch 1, {EXPERTS} experts")
-        print(f"UNet ({'tiny' if args.tiny else 'SD 1.5'}, plain torch): {arch['params']:,} parameters, "
-              f"{arch['linear_conv2d_layers']} Linear/Conv2d layers")
-        print(format_table(rows))
-        print(format_targets(entries))
-    return 0 if all(r.get("status") in ("ok", "skipped") for r in rows) else 1
+                          "unet": arch, "code": version or {}, "judged_measure": measures[0], "results": rows, "targets": entries}, indent=1))
+        return
+    print(f"attention: {ATTENTION}; device: {device}; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; batch 1, {EXPERTS} experts")
+    print(f"UNet ({'tiny' if tiny else 'SD 1.5'}, plain torch): {arch['params']:,} parameters, "
+          f"{arch['linear_conv2d_layers']} Linear/Conv2d layers")
+    print(format_table(rows))
+    print(format_targets(entries, measures))
 
 
 # ---------------------------------------------------------------- command line
@@ -439,6 +503,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reserve-gib", type=float, default=1.5,
                    help="kill a run if the machine's available memory falls below this")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--from-json", metavar="PATH", nargs="+",
+                   help="measure nothing: report saved --json runs (several: merged, successful rows win)")
+    p.add_argument("--retries", type=int, default=2, help="runs stopped by the memory guard are tried again")
+    p.add_argument("--retry-wait-s", type=float, default=60.0)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -448,5 +516,12 @@ def main(args: argparse.Namespace) -> int:
         result["attention"] = ATTENTION
         print(RESULT_TAG + json.dumps(result), flush=True)
         return 0
-    print(f"[memory] attention: {ATTENTION}", file=sys.stderr)
-    return run_all(args)
+    if args.from_json:
+        rows, versions = merge_saved(args.from_json)
+        version = versions[0] if len(versions) == 1 else {"merged": versions}
+    else:
+        print(f"[memory] attention: {ATTENTION}", file=sys.stderr)
+        version = code_version()
+        rows = run_all(args)
+    report(rows, args.tiny or any(r.get("tiny") for r in rows), args.json, args.device, version)
+    return 0 if all(r.get("status") in ("ok", "skipped") for r in rows) else 1
