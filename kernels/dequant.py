@@ -1,0 +1,99 @@
+"""Unpacking packed integer codes in Triton: the shared weight-tile loader and a dequantize kernel.
+
+Layout (see tuneqdm_core/quant.py): the weight is (N, K) codes, N output channels. Codes of up to 4
+bits are packed two per byte along K, low nibble first, so row n holds ceil(K / 2) bytes and, for odd
+K, the high nibble of its last byte is padding. Codes of 5..8 bits take one byte each. `zero` is one
+uint8 per output channel and the integer weight is A = Q - z.
+
+`dequantize_codes` writes A in a float dtype. It is the conv path's weight: built inside one call,
+handed to the vendor convolution and dropped (and built again in backward).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+def interpreting() -> bool:
+    """True when kernels run through Triton's CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@triton.jit
+def weight_tile(w_ptr, zero_ptr, offs_n, k0, N, K, stride_wn,
+                PACKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A = Q - z for rows `offs_n` (BLOCK_N,) and columns k0 .. k0 + BLOCK_K, as int32 (BLOCK_N, BLOCK_K);
+    zero outside the weight. k0 must be a multiple of BLOCK_K (so even when PACKED)."""
+    n_mask = offs_n < N
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    k_mask = offs_k < K
+    rows = offs_n.to(tl.int64)[:, None] * stride_wn
+    if PACKED:
+        # One byte holds codes 2j (low nibble) and 2j+1 (high nibble): load BLOCK_K/2 bytes per row
+        # and interleave the two nibbles back into K order.
+        offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        b_mask = offs_b < (K + 1) // 2
+        byte = tl.load(w_ptr + rows + offs_b[None, :], mask=n_mask[:, None] & b_mask[None, :], other=0)
+        byte = byte.to(tl.int32)
+        q = tl.reshape(tl.join(byte & 0xF, byte >> 4), (BLOCK_N, BLOCK_K))
+    else:
+        q = tl.load(w_ptr + rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0)
+        q = q.to(tl.int32)
+    z = tl.load(zero_ptr + offs_n, mask=n_mask, other=0).to(tl.int32)
+    # Masking after the subtraction also drops the padding nibble of an odd K.
+    return tl.where(n_mask[:, None] & k_mask[None, :], q - z[:, None], 0)
+
+
+@triton.jit
+def int_to_float(a, DTYPE: tl.constexpr):
+    """Small integers -> DTYPE, exact. bf16 goes through fp32: the interpreter's direct int -> bf16
+    cast returns garbage, and on a GPU the conversion is done that way anyway."""
+    if DTYPE == tl.bfloat16:
+        return a.to(tl.float32).to(DTYPE)
+    return a.to(DTYPE)
+
+
+@triton.jit
+def _dequant_kernel(w_ptr, zero_ptr, out_ptr, N, K, stride_wn, stride_on,
+                    PACKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = pid_k * BLOCK_K
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    a = weight_tile(w_ptr, zero_ptr, offs_n, k0, N, K, stride_wn, PACKED, BLOCK_N, BLOCK_K)
+    mask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
+    ptrs = out_ptr + offs_n.to(tl.int64)[:, None] * stride_on + offs_k[None, :]
+    tl.store(ptrs, int_to_float(a, out_ptr.dtype.element_ty), mask=mask)
+
+
+def _pow2(n: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
+
+
+def dequantize_codes(packed: torch.Tensor, zero: torch.Tensor, bits: int, shape: tuple[int, ...],
+                     dtype: torch.dtype) -> torch.Tensor:
+    """A = Q - z as `dtype` in the weight's own `shape`; same result as quant.integer_weight."""
+    n = int(shape[0])
+    k = 1
+    for d in shape[1:]:
+        k *= int(d)
+    packed_rows = bits <= 4
+    if packed.dim() != 2 or packed.shape[0] != n or packed.shape[1] != ((k + 1) // 2 if packed_rows else k):
+        raise ValueError(f"packed codes {tuple(packed.shape)} do not fit a {bits}-bit weight of shape {tuple(shape)}")
+    if packed.stride(1) != 1:
+        packed = packed.contiguous()
+    out = torch.empty(n, k, dtype=dtype, device=packed.device)
+    if out.numel() == 0:
+        return out.reshape(shape)
+    if interpreting():  # few, large blocks: the interpreter pays per block
+        block_n, block_k = _pow2(n, 1, 64), _pow2(k, 2, 256)
+    else:
+        block_n, block_k = 32, 128
+    grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
+    _dequant_kernel[grid](packed, zero, out, n, k, packed.stride(0), out.stride(0),
+                          PACKED=packed_rows, BLOCK_N=block_n, BLOCK_K=block_k)
+    return out.reshape(shape)
