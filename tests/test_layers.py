@@ -208,3 +208,24 @@ def test_quantizing_a_quantized_model_is_refused():
     quantize_model(model, TuneQDMConfig(bits=8, experts=2))
     with pytest.raises(ValueError, match="already TuneQDM-quantized"):
         quantize_model(model, TuneQDMConfig(bits=4, experts=2))
+
+
+@pytest.mark.parametrize("make", [lambda: make_linear(4, experts=2, bias=True, in_f=33, out_f=29),
+                                  lambda: make_conv(8, experts=2, bias=True, kernel_size=3, padding=1)],
+                         ids=["linear", "conv2d"])
+def test_slicing_large_weights_by_output_channel_changes_nothing(make, monkeypatch):
+    import tuneqdm_core.functional as functional
+
+    def run(limit):
+        monkeypatch.setattr(functional, "SLICE_ELEMENTS", limit)
+        q = make()
+        x = (torch.randn(3, 33) if isinstance(q, QuantLinear) else torch.randn(3, 6, 7, 7)).requires_grad_()
+        with route(q, [1, 0, 1]):
+            y = q(x)
+        (y * torch.arange(y.numel()).reshape(y.shape).sin()).sum().backward()
+        assert (len(q.packed_weight.row_slices()) > 1) == (limit < 1000)
+        return y.detach(), x.grad, q.s_out.grad, q.s_in.grad
+
+    whole, sliced = run(2**22), run(100)  # 100 elements: several output channels per slice at most
+    for a, b in zip(whole, sliced):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

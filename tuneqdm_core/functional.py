@@ -57,6 +57,7 @@ CPU_BF16_MODES = ("auto", "on", "off")
 # Below both, casting costs more than bf16 saves (a few tokens through a small weight).
 BF16_MIN_FLOPS = 2**24
 BF16_MIN_WEIGHT = 2**22
+SLICE_ELEMENTS = 2**22  # at most 16 MiB of fp32 A at a time
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,22 @@ class PackedWeight:
     zero: torch.Tensor
     bits: int
     shape: tuple[int, ...]
+
+    def rows(self, sl: slice) -> "PackedWeight":
+        """The output channels `sl` (codes are stored per output channel: a view, no copy)."""
+        n = len(range(*sl.indices(self.shape[0])))
+        return PackedWeight(self.packed[sl], self.zero[sl], self.bits, (n, *self.shape[1:]))
+
+    def row_slices(self, groups: int = 1) -> list[slice]:
+        """Output-channel slices whose float A stays under SLICE_ELEMENTS, so that a large layer's
+        weight-sized temporaries (A, and the vendor kernel's reordered copy of it) stay small.
+        Grouped convolutions are not sliced (a slice would have to follow the groups)."""
+        out = self.shape[0]
+        per_row = 1
+        for d in self.shape[1:]:
+            per_row *= d
+        step = out if groups != 1 else max(1, SLICE_ELEMENTS // per_row)
+        return [slice(i, min(i + step, out)) for i in range(0, out, step)]
 
     def integers(self, dtype: torch.dtype, backend: str = "torch") -> torch.Tensor:
         if backend == "triton":
@@ -254,22 +271,38 @@ def _epilogue(v: torch.Tensor, s_out: torch.Tensor, bias: torch.Tensor | None, e
     return torch.addcmul(bias.to(dtype).reshape(shape), v, s_rows)
 
 
+def _sliced(weight: PackedWeight, groups: int, dtype: torch.dtype, backend: str, product, channel_dim: int):
+    """product(A) computed one output-channel slice of A at a time, assembled along `channel_dim`."""
+    slices = weight.row_slices(groups)
+    if len(slices) == 1:
+        return product(weight.integers(dtype, backend))
+    out = None
+    for sl in slices:
+        part = product(weight.rows(sl).integers(dtype, backend))
+        if out is None:
+            shape = list(part.shape)
+            shape[channel_dim] = weight.shape[0]
+            out = part.new_empty(shape)
+        out.narrow(channel_dim, sl.start, sl.stop - sl.start).copy_(part)
+        del part
+    return out
+
+
 def _linear_forward(x, s_in, s_out, bias, experts, weight: PackedWeight, compute: torch.dtype | None):
     """y = s_out[e] * ((x * s_in[e]) @ A^T) + b, multiplying in `compute` (None: x's dtype)."""
     c = x.ndim - 1
     u = _scaled_input(x, _per_sample(s_in, experts, x.dtype, x.ndim, c), compute)
-    a = weight.integers(compute or x.dtype)
-    v = F.linear(u, a)
-    del a, u
+    v = _sliced(weight, 1, compute or x.dtype, "torch", lambda a: F.linear(u, a), c)
+    del u
     return _epilogue(v, s_out, bias, experts, x.dtype, c)
 
 
 def _conv_forward(x, s_in, s_out, bias, experts, weight: PackedWeight, geo: ConvGeometry,
                   compute: torch.dtype | None, backend: str = "torch"):
     u = _scaled_input(x, _per_sample(s_in, experts, x.dtype, 4, 1), compute)
-    a = weight.integers(compute or x.dtype, backend)
-    v = F.conv2d(u, a, None, geo.stride, geo.padding, geo.dilation, geo.groups)
-    del a, u
+    v = _sliced(weight, geo.groups, compute or x.dtype, backend,
+                lambda a: F.conv2d(u, a, None, geo.stride, geo.padding, geo.dilation, geo.groups), 1)
+    del u
     return _epilogue(v, s_out, bias, experts, x.dtype, 1)
 
 
@@ -287,15 +320,24 @@ class _SeparableLinear(torch.autograd.Function):
         x, s_in, s_out, experts = ctx.saved_tensors
         need_x, need_in, need_out, need_b = ctx.needs_input_grad[:4]
         dtype, n, c = x.dtype, s_in.shape[0], x.ndim - 1
-        a = ctx.weight.integers(dtype)
         grad_x = grad_in = grad_out = grad_b = None
         sin = _per_sample(s_in, experts, dtype, x.ndim, c)
+        u = x * sin
+        gv = g * _per_sample(s_out, experts, dtype, x.ndim, c)
+        gu = None
         if need_out:
-            v = F.linear(x * sin, a)
-            grad_out = _expert_grad(g * v, experts, n, c).to(s_out.dtype)
-            del v
+            grad_out = torch.empty(n, s_out.shape[1], dtype=torch.float32, device=x.device)
+        for sl in ctx.weight.row_slices():  # A one slice of output channels at a time
+            a = ctx.weight.rows(sl).integers(dtype)
+            if need_out:
+                grad_out[:, sl] = _expert_grad(g[..., sl] * F.linear(u, a), experts, n, c)
+            if need_x or need_in:
+                part = torch.matmul(gv[..., sl], a)
+                gu = part if gu is None else gu.add_(part)
+            del a
+        if need_out:
+            grad_out = grad_out.to(s_out.dtype)
         if need_x or need_in:
-            gu = torch.matmul(g * _per_sample(s_out, experts, dtype, x.ndim, c), a)
             if need_x:
                 grad_x = gu * sin
             if need_in:
@@ -322,16 +364,26 @@ class _SeparableConv2d(torch.autograd.Function):
         x, s_in, s_out, experts = ctx.saved_tensors
         need_x, need_in, need_out, need_b = ctx.needs_input_grad[:4]
         geo, dtype, n = ctx.geo, x.dtype, s_in.shape[0]
-        a = ctx.weight.integers(dtype, ctx.backend)
         grad_x = grad_in = grad_out = grad_b = None
         u = x * _per_sample(s_in, experts, dtype, 4, 1)
+        gv = g * _per_sample(s_out, experts, dtype, 4, 1)
+        gu = None
         if need_out:
-            v = F.conv2d(u, a, None, geo.stride, geo.padding, geo.dilation, geo.groups)
-            grad_out = _expert_grad(g * v, experts, n, 1).to(s_out.dtype)
-            del v
+            grad_out = torch.empty(n, s_out.shape[1], dtype=torch.float32, device=x.device)
+        for sl in ctx.weight.row_slices(geo.groups):  # A one slice of output channels at a time
+            a = ctx.weight.rows(sl).integers(dtype, ctx.backend)
+            if need_out:
+                v = F.conv2d(u, a, None, geo.stride, geo.padding, geo.dilation, geo.groups)
+                grad_out[:, sl] = _expert_grad(g[:, sl] * v, experts, n, 1)
+                del v
+            if need_x or need_in:
+                part = torch.nn.grad.conv2d_input(u.shape, a, gv[:, sl], geo.stride, geo.padding, geo.dilation,
+                                                  geo.groups)
+                gu = part if gu is None else gu.add_(part)
+            del a
+        if need_out:
+            grad_out = grad_out.to(s_out.dtype)
         if need_x or need_in:
-            gu = torch.nn.grad.conv2d_input(u.shape, a, g * _per_sample(s_out, experts, dtype, 4, 1),
-                                            geo.stride, geo.padding, geo.dilation, geo.groups)
             if need_x:
                 grad_x = gu * _per_sample(s_in, experts, dtype, 4, 1)
             if need_in:
