@@ -7,6 +7,7 @@ node) quantizes the copy, and the copy never holds the float weights it replaced
 from __future__ import annotations
 
 import copy
+import ctypes
 import fnmatch
 import hashlib
 import time
@@ -130,8 +131,19 @@ def quantize_model(module: nn.Module, config: TuneQDMConfig, *, compute_device: 
             progress(i + 1, len(targets))
     setattr(module, ROUTER_ATTR, router)
     report.bytes_after = tensor_bytes(module)
+    release_freed_memory()
     report.seconds = time.perf_counter() - start
     return report
+
+
+def release_freed_memory() -> None:
+    """Hand the heap pages freed while quantizing (one float layer at a time, plus temporaries) back
+    to the OS. glibc keeps freed medium-sized blocks resident otherwise: measured here, about 300 MB
+    of the process's footprint after quantizing SD1.5. A no-op where glibc is not the allocator."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _attach(layer: QuantLayer, name: str, router: ExpertRouter) -> None:
