@@ -53,6 +53,9 @@ def main() -> int:
             for text in texts(entry).values():
                 report += ["", "```", text, "```"]
             report.append("")
+        # The server's folders are temporary: keep the quantized UNet and the scales it wrote.
+        shutil.copytree(server.models_dir / "tuneqdm", out / "tuneqdm")
+        report.append("Quantized UNet and scales files (models/tuneqdm/ of the demo server) copied to tuneqdm/.")
     (out / "report.md").write_text("\n".join(report))
     print("\n".join(report))
     print(f"[demo] done: images and report in {out}", flush=True)
