@@ -93,7 +93,10 @@ class TrainScales:
         require_quantized(model, "Train TuneQDM Scales")
         base = model.model
         dm = base.diffusion_model
-        train_s_in = bool(train_s_in) and model_config(dm).train_s_in
+        train_s_in = bool(train_s_in)
+        if train_s_in and not model_config(dm).train_s_in:
+            logging.info("TuneQDM train: this MODEL was quantized with s_out only (PEQA); s_in stays frozen")
+            train_s_in = False
         sets = [(instance_images, instance_conditioning, False, "instance_images"),
                 (instance_images_2, instance_conditioning_2, False, "instance_images_2"),
                 (class_images, class_conditioning, True, "class_images")]

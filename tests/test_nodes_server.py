@@ -19,6 +19,7 @@ NODES = {
     "TuneQDMSaveScales": "Save Scales (TuneQDM)",
     "TuneQDMLoadScales": "Load Scales (TuneQDM)",
     "TuneQDMExpertRoutedSampler": "Expert-Routed Sampler (TuneQDM)",
+    "TuneQDMTrainScales": "Train TuneQDM Scales",
 }
 STEPS = 8
 
