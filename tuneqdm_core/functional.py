@@ -322,8 +322,8 @@ class _SeparableLinear(torch.autograd.Function):
         dtype, n, c = x.dtype, s_in.shape[0], x.ndim - 1
         grad_x = grad_in = grad_out = grad_b = None
         sin = _per_sample(s_in, experts, dtype, x.ndim, c)
-        u = x * sin
-        gv = g * _per_sample(s_out, experts, dtype, x.ndim, c)
+        u = x * sin if need_out else None  # activation-sized: only when the s_out gradient needs it
+        gv = g * _per_sample(s_out, experts, dtype, x.ndim, c) if need_x or need_in else None
         gu = None
         if need_out:
             grad_out = torch.empty(n, s_out.shape[1], dtype=torch.float32, device=x.device)
@@ -365,8 +365,8 @@ class _SeparableConv2d(torch.autograd.Function):
         need_x, need_in, need_out, need_b = ctx.needs_input_grad[:4]
         geo, dtype, n = ctx.geo, x.dtype, s_in.shape[0]
         grad_x = grad_in = grad_out = grad_b = None
-        u = x * _per_sample(s_in, experts, dtype, 4, 1)
-        gv = g * _per_sample(s_out, experts, dtype, 4, 1)
+        u = x * _per_sample(s_in, experts, dtype, 4, 1) if need_out else None  # only for the s_out gradient
+        gv = g * _per_sample(s_out, experts, dtype, 4, 1) if need_x or need_in else None
         gu = None
         if need_out:
             grad_out = torch.empty(n, s_out.shape[1], dtype=torch.float32, device=x.device)
@@ -377,7 +377,7 @@ class _SeparableConv2d(torch.autograd.Function):
                 grad_out[:, sl] = _expert_grad(g[:, sl] * v, experts, n, 1)
                 del v
             if need_x or need_in:
-                part = torch.nn.grad.conv2d_input(u.shape, a, gv[:, sl], geo.stride, geo.padding, geo.dilation,
+                part = torch.nn.grad.conv2d_input(x.shape, a, gv[:, sl], geo.stride, geo.padding, geo.dilation,
                                                   geo.groups)
                 gu = part if gu is None else gu.add_(part)
             del a
