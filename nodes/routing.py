@@ -30,8 +30,7 @@ def schedule_timestep(model_sampling, sigma: torch.Tensor) -> torch.Tensor:
     t = model_sampling.timestep(sigma).float()
     if hasattr(model_sampling, "log_sigmas"):
         return t
-    lo = model_sampling.timestep(torch.as_tensor(model_sampling.sigma_min)).float()
-    hi = model_sampling.timestep(torch.as_tensor(model_sampling.sigma_max)).float()
+    lo, hi = _timestep_range(model_sampling)
     return ((t - lo) / (hi - lo) * 1000.0).clamp(0.0, 999.999)
 
 
@@ -40,9 +39,14 @@ def sigma_of_timestep(model_sampling, t: torch.Tensor) -> torch.Tensor:
     t = t.float()
     if hasattr(model_sampling, "log_sigmas"):
         return model_sampling.sigma(t)
-    lo = model_sampling.timestep(torch.as_tensor(model_sampling.sigma_min)).float()
-    hi = model_sampling.timestep(torch.as_tensor(model_sampling.sigma_max)).float()
+    lo, hi = _timestep_range(model_sampling)
     return model_sampling.sigma(lo + (hi - lo) * t / 1000.0)
+
+
+def _timestep_range(model_sampling) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's own timesteps at its sigma_min and sigma_max ends."""
+    ends = (model_sampling.sigma_min, model_sampling.sigma_max)
+    return tuple(model_sampling.timestep(torch.as_tensor(e)).float() for e in ends)
 
 
 @dataclass(frozen=True)
