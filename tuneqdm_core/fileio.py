@@ -44,7 +44,7 @@ class FileHeader:
     metadata: dict[str, str]
 
 
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
+def digest(tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for key in sorted(tensors):
         t = tensors[key].detach().contiguous().cpu()
@@ -69,7 +69,9 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metad
             tmp.unlink()
 
 
-def _read(path: str | os.PathLike, expected_format: str) -> tuple[FileHeader, dict[str, torch.Tensor]]:
+def read_verified(path: str | os.PathLike, expected_format: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """Metadata and tensors of a TuneQDM safetensors file of `expected_format`, after checking its format,
+    version and sha256: a foreign, truncated or corrupted file raises FileFormatError naming the problem."""
     path = Path(path)
     if not path.is_file():
         raise FileFormatError(f"{path}: no such file")
@@ -86,8 +88,15 @@ def _read(path: str | os.PathLike, expected_format: str) -> tuple[FileHeader, di
         raise FileFormatError(f"{path.name}: is a {fmt} file, expected a {expected_format} file")
     if meta.get("tuneqdm.version") != FORMAT_VERSION:
         raise FileFormatError(f"{path.name}: format version {meta.get('tuneqdm.version')}, this pack reads {FORMAT_VERSION}")
-    if _digest(tensors) != meta.get("tuneqdm.sha256"):
+    if digest(tensors) != meta.get("tuneqdm.sha256"):
         raise FileFormatError(f"{path.name}: corrupted (sha256 of its tensors does not match the one recorded in it)")
+    return meta, tensors
+
+
+def _read(path: str | os.PathLike, expected_format: str) -> tuple[FileHeader, dict[str, torch.Tensor]]:
+    path = Path(path)
+    meta, tensors = read_verified(path, expected_format)
+    fmt = expected_format
     try:
         header = FileHeader(fmt, int(meta["tuneqdm.bits"]), int(meta["tuneqdm.experts"]),
                             meta["tuneqdm.train_s_in"] == "1", meta["tuneqdm.fingerprint"],
@@ -104,7 +113,7 @@ def _metadata(fmt: str, cfg: TuneQDMConfig, fp: str, layers: dict, tensors: dict
         "tuneqdm.format": fmt, "tuneqdm.version": FORMAT_VERSION, "tuneqdm.bits": str(cfg.bits),
         "tuneqdm.experts": str(cfg.experts), "tuneqdm.train_s_in": "1" if cfg.train_s_in else "0",
         "tuneqdm.fingerprint": fp, "tuneqdm.layers": json.dumps(layers, separators=(",", ":")),
-        "tuneqdm.sha256": _digest(tensors),
+        "tuneqdm.sha256": digest(tensors),
     })
     return meta
 
