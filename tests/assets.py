@@ -80,24 +80,9 @@ _DTYPE_ALIASES = {"fp16": "float16", "float16": "float16", "half": "float16", "f
 
 def import_comfy() -> Any:
     """Makes the `.comfyui` host importable (CPU mode) and returns the `comfy` package."""
-    if str(COMFY_DIR) not in sys.path:
-        if not (COMFY_DIR / "comfy").is_dir():
-            raise FileNotFoundError(f"{COMFY_DIR}/comfy missing: run `make setup` first")
-        # Appended, not prepended: the host's top-level `nodes.py`, `utils/`, `server.py`... must not shadow the
-        # pack's own `nodes/` package (conftest puts the checkout first) or anything else; `comfy` and
-        # `node_helpers`, all that comfy.* needs, exist nowhere else.
-        sys.path.append(str(COMFY_DIR))
-    import comfy.cli_args
+    from tuneqdm_core.bench.host import import_comfy as host_import_comfy
 
-    # Must happen before comfy.model_management is first imported (it picks the device at import).
-    comfy.cli_args.args.cpu = True
-    import comfy.ldm.models.autoencoder
-    import comfy.ldm.modules.diffusionmodules.openaimodel
-    import comfy.model_detection
-    import comfy.ops
-    import comfy.sd1_clip
-    import comfy.supported_models
-    return comfy
+    return host_import_comfy()
 
 
 # ---- tensor specifications ---------------------------------------------------------------------------------
