@@ -19,7 +19,7 @@ import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PACK_FOLDER = "ComfyUI-TuneQDM"
@@ -191,12 +191,19 @@ class ComfyServer:
         return self._request("GET", "/object_info")
 
     def queue(self, api_graph: dict[str, Any]) -> str:
-        """Queues an API-format graph and returns its prompt id; HTTP 400 raises ComfyError."""
+        """Queues an API-format graph and returns its prompt id; HTTP 400 raises ComfyError, and so does a
+        graph that ComfyUI accepted only in part (it runs the valid outputs and lists the others in
+        `node_errors`), so that a half-broken graph never passes for a working one."""
         answer = self._request("POST", "/prompt", {"prompt": api_graph, "client_id": self.client_id})
+        if answer.get("node_errors"):
+            raise ComfyError(f"ComfyUI rejected part of the graph: {json.dumps(answer['node_errors'])[:2000]}",
+                             answer["node_errors"])
         return answer["prompt_id"]
 
-    def wait(self, prompt_id: str, timeout: float = 300.0) -> dict[str, Any]:
+    def wait(self, prompt_id: str, timeout: float = 300.0,
+             on_poll: Callable[[], None] | None = None) -> dict[str, Any]:
         """Waits until the prompt finished (success, error or interrupt); returns its history entry.
+        `on_poll()` runs between polls (the demo prints progress from it).
 
         ComfyUI adds a prompt to /history only when its execution ended, so the first entry seen is
         final; `entry["status"]["messages"]` holds the execution messages (execution_error among them).
@@ -208,13 +215,16 @@ class ComfyServer:
                 return entry
             if self._proc is None or self._proc.poll() is not None:
                 raise ComfyError(f"ComfyUI died while running {prompt_id}:\n{self.log_tail()}")
+            if on_poll is not None:
+                on_poll()
             time.sleep(0.1)
         self.interrupt()  # free the worker for the next test
         raise TimeoutError(f"prompt {prompt_id} not finished after {timeout:.0f} s:\n{self.log_tail()}")
 
-    def run(self, api_graph: dict[str, Any], timeout: float = 300.0, check: bool = False) -> dict[str, Any]:
+    def run(self, api_graph: dict[str, Any], timeout: float = 300.0, check: bool = False,
+            on_poll: Callable[[], None] | None = None) -> dict[str, Any]:
         """queue + wait; with check=True an execution error raises ComfyError naming the node."""
-        entry = self.wait(self.queue(api_graph), timeout)
+        entry = self.wait(self.queue(api_graph), timeout, on_poll)
         error = self.execution_error(entry)
         if check and error is not None:
             raise ComfyError(
