@@ -1,5 +1,6 @@
 """ComfyUI nodes of the TuneQDM pack: thin wrappers around tuneqdm_core."""
 from . import folders
+from .default_nodes import DefaultSubjectImages, DefaultTextEncode, LoadDefaultModel
 from .file_nodes import LoadQuantizedUNet, LoadScales, SaveQuantizedUNet, SaveScales
 from .quantize_node import QuantizeUNet
 from .sampler_node import ExpertRoutedSampler
@@ -15,6 +16,9 @@ NODE_CLASS_MAPPINGS = {
     "TuneQDMLoadScales": LoadScales,
     "TuneQDMExpertRoutedSampler": ExpertRoutedSampler,
     "TuneQDMTrainScales": TrainScales,
+    "TuneQDMLoadDefaultModel": LoadDefaultModel,
+    "TuneQDMDefaultTextEncode": DefaultTextEncode,
+    "TuneQDMDefaultSubjectImages": DefaultSubjectImages,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -25,4 +29,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "TuneQDMLoadScales": "Load Scales (TuneQDM)",
     "TuneQDMExpertRoutedSampler": "Expert-Routed Sampler (TuneQDM)",
     "TuneQDMTrainScales": "Train TuneQDM Scales",
+    "TuneQDMLoadDefaultModel": "Load Default Digits Model (TuneQDM demo)",
+    "TuneQDMDefaultTextEncode": "Default Text Encode (TuneQDM demo)",
+    "TuneQDMDefaultSubjectImages": "Default Subject Images (TuneQDM demo)",
 }

