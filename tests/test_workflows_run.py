@@ -30,7 +30,7 @@ def ckpt(comfy_server, comfy_models_dir) -> str:
 
 def test_every_api_workflow_is_exercised_here():
     assert sorted(p.stem for p in API_DIR.glob("*.json")) == sorted(
-        ["quantize_and_sample", "load_quantized_and_scales", "float_vs_w8_vs_w4", "train_subject"])
+        ["quantize_and_sample", "load_quantized_and_scales", "float_vs_w8_vs_w4", "train_subject", "default_model_demo"])
 
 
 def test_quantize_then_load_workflows_give_the_same_image(comfy_server, ckpt):
@@ -57,3 +57,14 @@ def test_train_subject_workflow(comfy_server, ckpt):
     entry = comfy_server.run(load_for_test("train_subject", ckpt), timeout=900, check=True)
     assert len(images(comfy_server, entry)) == 2  # the loss curve and the sample
     assert (comfy_server.models_dir / "tuneqdm" / "tuneqdm_subject_scales.safetensors").is_file()
+
+
+def test_default_model_demo_workflow(comfy_server):
+    """The demo's graph (the embedded default model: no files to install), with 4 training and sampling steps."""
+    entry = comfy_server.run(load_for_test("default_model_demo", ckpt="unused"), timeout=900, check=True)
+    names = [p.name for p in output_files(entry, comfy_server.output_dir)]
+    for model in ("float", "w4", "w4_tuneqdm"):
+        for prompt in ("sks", "three", "seven"):
+            assert sum(n.startswith(f"{model}_{prompt}_") for n in names) == 8
+    assert any(n.startswith("loss_curve") for n in names)
+    assert (comfy_server.models_dir / "tuneqdm" / "tuneqdm_demo_digits_scales.safetensors").is_file()
