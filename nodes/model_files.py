@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 
+import comfy.model_base
 import comfy.model_management
 import comfy.model_patcher
 import comfy.ops
@@ -21,6 +22,7 @@ from .patcher import APPLY_MODEL, WRAPPER_KEY
 META_CLASS = "comfy.model_config_class"
 META_UNET = "comfy.unet_config"
 META_DTYPE = "comfy.unet_dtype"
+META_MODEL_TYPE = "comfy.model_type"
 
 
 def _json_safe(config: dict) -> dict:
@@ -33,6 +35,8 @@ def save(path: str, model) -> None:
         META_CLASS: type(base.model_config).__name__,
         META_UNET: json.dumps(_json_safe(base.model_config.unet_config)),
         META_DTYPE: str(base.get_dtype()).removeprefix("torch."),
+        # Config classes guess eps vs v from weights (SD2.x) or assume one (SD1.5): record what the model is.
+        META_MODEL_TYPE: base.model_type.name,
     }
     save_quantized_model(path, base.diffusion_model, extra_metadata=extra)
 
@@ -57,6 +61,16 @@ class _MetaOps(comfy.ops.disable_weight_init):
             super().__init__(*args, device="meta", **kwargs)
 
 
+def set_model_type(base, type_name: str, source: str) -> None:
+    """Give a BaseModel built by its config class the prediction type (and so the sampling) it was trained with."""
+    try:
+        model_type = comfy.model_base.ModelType[type_name]
+    except KeyError:
+        raise FileFormatError(f"{source}: unknown ComfyUI model type {type_name!r}") from None
+    base.model_type = model_type
+    base.model_sampling = comfy.model_base.model_sampling(base.model_config, model_type)
+
+
 def load(path: str) -> comfy.model_patcher.ModelPatcher:
     name = os.path.basename(path)
     header, tensors = read_quantized_model(path)
@@ -74,6 +88,8 @@ def load(path: str) -> comfy.model_patcher.ModelPatcher:
     model_config.set_inference_dtype(dtype, manual_cast)
     model_config.custom_operations = _MetaOps
     base = model_config.get_model({}, "")
+    if META_MODEL_TYPE in meta:
+        set_model_type(base, meta[META_MODEL_TYPE], name)
     try:
         load_into_skeleton(base.diffusion_model, header, tensors, name)
     except ModelMismatchError as e:
