@@ -10,8 +10,9 @@ import comfy.supported_models
 import torch
 
 from ..tuneqdm_core.digits import data
-from ..tuneqdm_core.digits.files import UNET_CONFIG, UNET_FILE, UNET_FORMAT, load_file
+from ..tuneqdm_core.digits.files import MODEL_TYPE, UNET_CONFIG, UNET_FILE, UNET_FORMAT, load_file
 from ..tuneqdm_core.digits.text import TextEncoder
+from . import model_files
 
 TEXT_ENCODER_TYPE = "TUNEQDM_TEXT_ENCODER"
 
@@ -21,6 +22,7 @@ def load_model() -> comfy.model_patcher.ModelPatcher:
     model_config = comfy.supported_models.SD15(dict(UNET_CONFIG))
     model_config.set_inference_dtype(torch.float32, None)  # 1.9M parameters: float32 costs nothing
     base = model_config.get_model({})
+    model_files.set_model_type(base, MODEL_TYPE, UNET_FILE.name)
     base.diffusion_model.load_state_dict({k: v.float() for k, v in state.items()})
     offload = comfy.model_management.unet_offload_device()
     return comfy.model_patcher.ModelPatcher(base.to(offload), load_device=comfy.model_management.get_torch_device(),

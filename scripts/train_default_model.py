@@ -3,11 +3,12 @@
 1. the digit classifier of the quality metrics (all ten digits; seconds);
 2. the text-conditioned UNet: a ComfyUI SD1.5-family model (tuneqdm_core.digits.files.UNET_CONFIG) on the
    digits of every class but the subject's, captioned "a handwritten digit seven" etc. through MiniLM,
-   eps-prediction with the model's own SD1.5 noise schedule. 10% of captions are empty (classifier-free
-   guidance) and 10% are the bare class prompt "a handwritten digit". The EMA of the weights is saved.
+   v-prediction (see files.MODEL_TYPE) with the model's own SD1.5 noise schedule. 10% of captions are
+   empty (classifier-free guidance) and 10% are the bare class prompt "a handwritten digit". The EMA of
+   the weights is saved.
 
-Reproducible: a seed and a step count (not a time budget). `--steps 3000` takes about 15 minutes on the
-2-core machine this was made on.
+Reproducible: a seed and a step count (not a time budget). `--steps 3000` took 18 minutes on one core of
+the 2-core machine this was made on, while other work used the other.
     .venv/bin/python scripts/train_default_model.py [--steps N] [--seed S]
 """
 from __future__ import annotations
@@ -66,7 +67,7 @@ def train_unet(steps: int, batch: int, seed: int, lr: float) -> tuple[dict[str, 
         a = alphas[t].view(-1, 1, 1, 1)
         eps = torch.randn(x0.shape, generator=gen)
         pred = net(a.sqrt() * x0 + (1 - a).sqrt() * eps, t.float(), context=context)
-        loss = F.mse_loss(pred, eps)
+        loss = F.mse_loss(pred, a.sqrt() * eps - (1 - a).sqrt() * x0)  # v-prediction
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -82,7 +83,8 @@ def train_unet(steps: int, batch: int, seed: int, lr: float) -> tuple[dict[str, 
     seconds = time.perf_counter() - start
     state = {k: v.detach().to(torch.float16) for k, v in ema.state_dict().items()}
     info = {"unet_config": files.UNET_CONFIG, "parameters": params, "steps": steps, "batch": batch, "seed": seed,
-            "lr": lr, "ema_decay": EMA_DECAY, "subject_class": SUBJECT_CLASS, "final_loss": running,
+            "lr": lr, "ema_decay": EMA_DECAY, "model_type": files.MODEL_TYPE, "subject_class": SUBJECT_CLASS,
+            "final_loss": running,
             "train_seconds": round(seconds, 1), "torch": torch.__version__}
     return state, info
 

@@ -61,3 +61,34 @@ def test_subject_images_round_trip_through_stock_vae_nodes(comfy_server):
     assert images.shape == (data.SUBJECT_IMAGES, 64, 64, 3)
     # 64 -> 16 (area) -> 64 (bilinear) blurs a little; the PNG rounds to 1/255.
     assert float((images - data.subject_images()).abs().mean()) < 0.05
+
+
+def test_saved_quantized_default_model_keeps_its_v_prediction(comfy_server):
+    """The default model predicts v, which its SD1.5 config class cannot say: the quantized-model file records
+    the model type, so the reloaded model samples exactly like the one that was saved."""
+    def sample(g: Graph, model, te, vae, prefix: str) -> None:
+        pos = g.node("TuneQDMDefaultTextEncode", text_encoder=te, text=data.caption(5))
+        neg = g.node("TuneQDMDefaultTextEncode", text_encoder=te, text="")
+        latent = g.node("EmptyLatentImage", width=64, height=64, batch_size=2)
+        s = g.node("KSampler", model=model, positive=pos, negative=neg, latent_image=latent, seed=3, steps=6,
+                   cfg=3.0, sampler_name="euler", scheduler="normal", denoise=1.0)
+        g.node("SaveLatent", samples=s, filename_prefix=prefix)
+
+    g = Graph()
+    load = g.node("TuneQDMLoadDefaultModel")
+    quant = g.node("TuneQDMQuantizeUNet", model=load.out(0), bits="4", experts=2, scales="s_out and s_in (TuneQDM)",
+                   s_in_init="ones", keep_float="")
+    g.node("TuneQDMSaveQuantizedUNet", model=quant, filename_prefix="default_w4")
+    sample(g, quant.out(0), load.out(1), load.out(2), "default_w4_before")
+    first = comfy_server.run(g.to_api(), check=True)
+
+    g = Graph()
+    load = g.node("TuneQDMLoadDefaultModel")
+    reloaded = g.node("TuneQDMLoadQuantizedUNet", unet_name="default_w4.safetensors")
+    sample(g, reloaded.out(0), load.out(1), load.out(2), "default_w4_after")
+    second = comfy_server.run(g.to_api(), check=True)
+
+    from safetensors.torch import load_file
+
+    (a,), (b,) = (output_files(e, comfy_server.output_dir, kind="latents") for e in (first, second))
+    torch.testing.assert_close(load_file(str(b))["latent_tensor"], load_file(str(a))["latent_tensor"], rtol=0, atol=0)

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..digits.files import UNET_CONFIG
+from ..digits.files import MODEL_TYPE, UNET_CONFIG
 
 COMFY_DIR = Path(__file__).resolve().parents[2] / ".comfyui"
 
@@ -41,6 +41,11 @@ def default_base_model(state_dict: dict[str, torch.Tensor] | None = None) -> Any
     model_config = comfy.supported_models.SD15(dict(UNET_CONFIG))
     model_config.set_inference_dtype(torch.float32, None)
     base = model_config.get_model({})
+    # SD1.5's config class always says eps; the default model has its own prediction type.
+    import comfy.model_base
+
+    base.model_type = comfy.model_base.ModelType[MODEL_TYPE]
+    base.model_sampling = comfy.model_base.model_sampling(model_config, base.model_type)
     net = base.diffusion_model
     if state_dict is None:
         for m in net.modules():

@@ -19,6 +19,10 @@ CLASSIFIER_FORMAT = "digits-classifier"
 # A ComfyUI SD1.5-family UNet (comfy.supported_models.SD15 adds num_heads 8 / num_head_channels -1), cut down
 # for 8x8 latents: 32/64 channels, two res blocks and one linear transformer per level, 384-wide context
 # (MiniLM's token states instead of CLIP-L's 768). 1.93M parameters, 3.9 MB in fp16.
+# v-prediction, by the name of comfy.model_base.ModelType (as SD2.x-v): an eps-predicting model this small
+# multiplies its eps error by sigma_max = 14.6 in its first x0 estimate, lands far off the data and, in
+# samplers that do not clamp (ComfyUI's), never recovers.
+MODEL_TYPE = "V_PREDICTION"
 UNET_CONFIG: dict = {
     "use_checkpoint": False, "image_size": 8, "in_channels": 4, "out_channels": 4, "model_channels": 32,
     "num_res_blocks": [2, 2], "channel_mult": [1, 2], "transformer_depth": [1, 1, 1, 1],
