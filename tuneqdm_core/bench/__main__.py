@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "memory": ("tuneqdm_core.bench.memory", "peak memory and time of one training step, per variant"),
     "train-memory": ("tuneqdm_core.bench.train_memory", "the training node's path: peak memory and step time"),
     "kernels": ("tuneqdm_core.bench.kernels", "fused quantized Linear per shape, and one SD 1.5 UNet sampling step"),
+    "quality": ("tuneqdm_core.bench.quality", "the seed's DreamBooth comparison on the embedded default model"),
 }
 
 
