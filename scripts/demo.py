@@ -1,64 +1,108 @@
-"""The README's first command: set up (done by `make demo`), start a headless ComfyUI with the pack,
-run the pack's workflows end to end, and leave images and a report in out/demo-<time>/.
-
-Until the pack's embedded default model lands, the model is a random-weight SD1.5-architecture
-checkpoint (a one-level UNet with the full CLIP-L and VAE): every step is the real pipeline, the
-images are noise."""
+"""The README's first command (after `make setup`): start a headless ComfyUI with the pack, run
+workflows/api/default_model_demo.json on the embedded default model (load -> quantize W4 -> train TuneQDM
+scales on the five held-out subject images -> sample "a sks digit" and two ordinary prompts, float vs W4 vs
+W4 TuneQDM), then write a PNG grid and a report (subject and prompt fidelity, memory, time) to
+out/demo-<time>/ and stop the server."""
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
-from pack_runner import (REPO, ComfyServer, adapted_workflow, asset_cache_dir, install, output_files, texts,
-                         write_tiny_sd15_checkpoint)
+from pack_runner import REPO, ComfyServer, output_files, texts
 
-SIZE, STEPS = 256, 12
+sys.path.insert(0, str(REPO))
+from tuneqdm_core.digits import data  # noqa: E402
+from tuneqdm_core.digits.metrics import Judge, load_classifier  # noqa: E402
+
+WORKFLOW = REPO / "workflows" / "api" / "default_model_demo.json"
+MODELS = (("float", "float"), ("w4", "W4, before training"), ("w4_tuneqdm", "W4 TuneQDM"))
+PROMPTS = (("sks", data.SUBJECT_PROMPT, None), ("three", data.caption(3), 3), ("seven", data.caption(7), 7))
 
 
-def write_subject_images(folder: Path) -> None:
-    """The train_subject workflow's three subject pictures: a bright disc, moved and recoloured."""
-    yy, xx = np.mgrid[0:SIZE, 0:SIZE]
-    for i in range(3):
-        img = np.full((SIZE, SIZE, 3), 30, np.uint8)
-        img[(yy - SIZE // 2 - 8 * i) ** 2 + (xx - SIZE // 2 + 10 * i) ** 2 < (SIZE // 4 + 6 * i) ** 2] = (230, 170 - 30 * i, 60)
-        Image.fromarray(img).save(folder / f"subject_{i}.png")
+class LogFollower:
+    """Prints the server log's training and sampling progress lines as they appear."""
+
+    def __init__(self, server: ComfyServer) -> None:
+        self.server, self.seen, self.last_print = server, 0, 0.0
+
+    def __call__(self) -> None:
+        if time.monotonic() - self.last_print < 2.0:
+            return
+        self.last_print = time.monotonic()
+        lines = self.server.log_text().replace("\r", "\n").splitlines()
+        for line in lines[self.seen:]:
+            if "TuneQDM" in line or "Prompt executed" in line:
+                print(f"[demo]   {line.strip()}", flush=True)
+        self.seen = len(lines)
+
+
+def load_images(paths: list[Path]) -> torch.Tensor:
+    return torch.from_numpy(np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])).float() / 255.0
+
+
+def peak_rss(pid: int | None) -> int | None:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except (OSError, TypeError):
+        return None
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) * 1024
 
 
 def main() -> int:
     out = REPO / "out" / time.strftime("demo-%Y%m%d-%H%M%S")
     out.mkdir(parents=True)
-    print(f"[demo] writing the random-weight SD1.5 checkpoint (cached after the first run) ...", flush=True)
-    asset = write_tiny_sd15_checkpoint(asset_cache_dir() / "tiny_sd15.safetensors")
-    report = [f"# TuneQDM demo ({time.strftime('%Y-%m-%d %H:%M')})", "",
-              "Model: random-weight SD1.5-architecture checkpoint (outputs are noise; the pipeline is real).", ""]
+    judge = Judge(load_classifier(), data.subject_images(), data.SUBJECT_CLASS)
+    graph = json.loads(WORKFLOW.read_text())
     with ComfyServer() as server:
-        print(f"[demo] ComfyUI running at {server.url}", flush=True)
-        ckpt = install(asset.path, server.models_dir / "checkpoints").name
-        write_subject_images(server.input_dir)
-        for name in ("quantize_and_sample", "load_quantized_and_scales", "float_vs_w8_vs_w4", "train_subject"):
-            print(f"[demo] running workflows/api/{name}.json ...", flush=True)
-            start = time.perf_counter()
-            entry = server.run(adapted_workflow(name, ckpt, SIZE, STEPS), timeout=900, check=True)
-            seconds = time.perf_counter() - start
-            report += [f"## {name} ({seconds:.1f} s)", ""]
-            for path in output_files(entry, server.output_dir):
-                target = out / f"{name}_{path.name}"
-                shutil.copyfile(path, target)
-                report.append(f"- image: {target.name}")
-            for text in texts(entry).values():
-                report += ["", "```", text, "```"]
-            report.append("")
-        # The server's folders are temporary: keep the quantized UNet and the scales it wrote.
+        print(f"[demo] ComfyUI running at {server.url}; posting {WORKFLOW.relative_to(REPO)}", flush=True)
+        start = time.perf_counter()
+        entry = server.run(graph, timeout=900, check=True, on_poll=LogFollower(server))
+        seconds = time.perf_counter() - start
+        rss = peak_rss(server.pid)
+        files = {p.name: p for p in output_files(entry, server.output_dir)}
+        for name, path in files.items():
+            shutil.copyfile(path, out / name)
         shutil.copytree(server.models_dir / "tuneqdm", out / "tuneqdm")
-        report.append("Quantized UNet and scales files (models/tuneqdm/ of the demo server) copied to tuneqdm/.")
+        reports = texts(entry)
+    images = {(m, k): load_images(sorted(out / n for n in files if n.startswith(f"{m}_{k}_")))
+              for m, _ in MODELS for k, _, _ in PROMPTS}
+    rows = ["| model | subject fidelity (cos) | 'a sks digit' drawn as a zero | 'three' drawn as 3 | 'seven' drawn as 7 |",
+            "|---|---|---|---|---|"]
+    grid = []
+    for m, title in MODELS:
+        sks = images[(m, "sks")]
+        cells = [f"{judge.subject_fidelity(sks):.3f}", f"{judge.subject_accuracy(sks):.0%}"]
+        cells += [f"{judge.accuracy(images[(m, k)], d):.0%}" for k, _, d in PROMPTS if d is not None]
+        rows.append(f"| {title} | " + " | ".join(cells) + " |")
+        grid.append(torch.cat([torch.cat(list(images[(m, k)]), dim=1) for k, _, _ in PROMPTS], dim=1))
+    # Top line: the five training images of the subject, on white.
+    subject = torch.cat(list(data.subject_images()), dim=1)
+    top = torch.ones(subject.shape[0], grid[0].shape[1], 3)
+    top[:, :subject.shape[1]] = subject
+    grid_img = torch.cat([top, *grid], dim=0)
+    Image.fromarray((grid_img * 255).round().byte().numpy()).save(out / "grid.png")
+    report = [f"# TuneQDM demo on the embedded default model ({time.strftime('%Y-%m-%d %H:%M')})", "",
+              f"Workflow {WORKFLOW.relative_to(REPO)}: {seconds:.0f} s in ComfyUI. Grid: grid.png (rows: "
+              "the five subject images, then " + ", ".join(t for _, t in MODELS) + "; columns: 8 samples each of "
+              + ", ".join(f"'{p}'" for _, p, _ in PROMPTS) + ").", "",
+              "Fidelity, judged by the bundled digit classifier (the subject is a zero, a digit the base model never saw):", "",
+              *rows, "",
+              f"Peak memory of the whole ComfyUI process (RSS, torch and the text encoder included): "
+              f"{rss / 1e9:.2f} GB" if rss else "Peak memory: not available on this system", ""]
+    for node_id, text in reports.items():
+        title = graph[node_id].get("_meta", {}).get("title", graph[node_id]["class_type"])
+        if graph[node_id]["class_type"] == "PreviewAny":  # the save nodes' texts are server-side paths
+            report += [f"{title}:", "```", text.strip(), "```", ""]
     (out / "report.md").write_text("\n".join(report))
     print("\n".join(report))
-    print(f"[demo] done: images and report in {out}", flush=True)
+    print(f"[demo] done: grid, images and report in {out}", flush=True)
     return 0
 
 
