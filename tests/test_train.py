@@ -151,3 +151,13 @@ def test_an_exception_the_caller_names_ends_the_run_and_drops_that_step():
                           TrainConfig(steps=10, checkpointing=False), stop_exceptions=(Interrupt,))
     assert result.partial and result.steps_done == 2
     assert max(step for step, _, _ in result.history) == 2
+
+
+def test_checkpointed_blocks_on_the_cpu_hand_freed_heap_back_each_time_they_run(monkeypatch):
+    import tuneqdm_core.checkpointing as checkpointing
+    calls = []
+    monkeypatch.setattr(checkpointing, "release_freed_memory", lambda: calls.append(1))
+    model = quantized_denoiser(TuneQDMConfig(bits=4, experts=2))
+    train_scales(model, scales_of(model), [SampleSet(torch.randn(1, 3, 8, 8), 0)], make_loss(model),
+                 TrainConfig(steps=2, checkpointing=True))
+    assert len(calls) == 2 * 4 * 2  # steps x blocks (t_embed, two convs, out) x (forward, recompute)

@@ -7,6 +7,8 @@ from typing import Iterator
 import torch.utils.checkpoint
 from torch import nn
 
+from .model import release_freed_memory
+
 
 def _has_params(m: nn.Module) -> bool:
     return next(m.parameters(), None) is not None
@@ -36,8 +38,17 @@ def checkpointed(model: nn.Module, enabled: bool = True) -> Iterator[int]:
         before = block.__dict__.get("forward")
         original = block.forward
 
-        def forward(*args, _original=original, **kwargs):
-            return torch.utils.checkpoint.checkpoint(_original, *args, use_reentrant=False, **kwargs)
+        def run(*args, _original=original, **kwargs):
+            # Runs in the forward and again when backward recomputes the block. On the CPU, the block
+            # before has just freed its activations and weight slices, and glibc would keep those heap
+            # holes resident while long-lived small blocks (autograd nodes, saved inputs, gradients)
+            # pin them: a W4 SD1.5 step at 32x32 peaked about 150 MB higher, for some 9% of step time.
+            if any(isinstance(a, torch.Tensor) and a.device.type == "cpu" for a in (*args, *kwargs.values())):
+                release_freed_memory()
+            return _original(*args, **kwargs)
+
+        def forward(*args, _run=run, **kwargs):
+            return torch.utils.checkpoint.checkpoint(_run, *args, use_reentrant=False, **kwargs)
 
         block.forward = forward
         patched.append((block, before))
