@@ -38,7 +38,7 @@ class PixelVAE:
 
     def decode(self, samples: torch.Tensor) -> torch.Tensor:
         grey = data.latent_to_grey(samples)
-        return data.grey_to_image(grey, size=4 * grey.shape[-1])
+        return data.grey_to_image(grey, size=(4 * grey.shape[-2], 4 * grey.shape[-1]))
 
 
 class DefaultTextEncoder:

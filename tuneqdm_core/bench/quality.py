@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import statistics
 import sys
@@ -69,8 +70,9 @@ class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         state, self.info = load_file(UNET_FILE, UNET_FORMAT)
-        self.float_net = default_base_model(state).diffusion_model.eval().requires_grad_(False)
-        self.alphas = alphas_cumprod(default_base_model(state))
+        base = default_base_model(state)
+        self.float_net = base.diffusion_model.eval().requires_grad_(False)
+        self.alphas = alphas_cumprod(base)
         encoder = TextEncoder()
         self.subject_ctx = encoder.encode(data.SUBJECT_PROMPT)[0]
         self.uncond = encoder.encode("")[0]
@@ -83,7 +85,7 @@ class Bench:
         """-> (the model after the row's fine-tuning, trained scales to sample with, training seconds)."""
         net = copy.deepcopy(self.float_net)
         if row.quant is not None:
-            quantize_model(net, TuneQDMConfig(**{**row.quant.__dict__, "seed": seed}))
+            quantize_model(net, dataclasses.replace(row.quant, seed=seed))
         gen = torch.Generator().manual_seed(seed)
         loss_fn = diffusion_loss(net, self.alphas, [self.subject_ctx], gen, V_PREDICTION)
         samples = [SampleSet(self.subject_latents, 0)]

@@ -61,9 +61,9 @@ def subject_images() -> torch.Tensor:
     return grey_to_image(grey)
 
 
-def grey_to_image(grey: torch.Tensor, size: int = IMAGE_SIZE) -> torch.Tensor:
-    """(B, 1, h, w) in [0, 1] -> ComfyUI IMAGE (B, size, size, 3)."""
-    up = F.interpolate(grey, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
+def grey_to_image(grey: torch.Tensor, size: tuple[int, int] = (IMAGE_SIZE, IMAGE_SIZE)) -> torch.Tensor:
+    """(B, 1, h, w) in [0, 1] -> ComfyUI IMAGE (B, H, W, 3) of size (H, W)."""
+    up = F.interpolate(grey, size=size, mode="bilinear", align_corners=False).clamp(0, 1)
     return up.movedim(1, -1).expand(-1, -1, -1, 3).contiguous()
 
 
