@@ -1,5 +1,5 @@
-"""Shared by the demo and the node-level benchmark: a real headless ComfyUI with the pack, the
-random-weight SD1.5 files the tests use, and the pack's API workflows adapted to them."""
+"""Shared by the demo and the node-level benchmark: a real headless ComfyUI with the pack (the test
+host), the random-weight SD1.5 files the tests use, and the pack's API workflows adapted to them."""
 from __future__ import annotations
 
 import sys
