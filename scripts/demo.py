@@ -11,11 +11,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
-from pack_runner import REPO, ComfyServer, output_files, texts
+from pack_runner import REPO, ComfyServer, output_files, read_images, texts
 
 sys.path.insert(0, str(REPO))
 from tuneqdm_core.digits import data  # noqa: E402
@@ -43,10 +42,6 @@ class LogFollower:
         self.seen = len(lines)
 
 
-def load_images(paths: list[Path]) -> torch.Tensor:
-    return torch.from_numpy(np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])).float() / 255.0
-
-
 def peak_rss(pid: int | None) -> int | None:
     try:
         status = Path(f"/proc/{pid}/status").read_text()
@@ -71,7 +66,7 @@ def main() -> int:
             shutil.copyfile(path, out / name)
         shutil.copytree(server.models_dir / "tuneqdm", out / "tuneqdm")
         reports = texts(entry)
-    images = {(m, k): load_images(sorted(out / n for n in files if n.startswith(f"{m}_{k}_")))
+    images = {(m, k): read_images(sorted(out / n for n in files if n.startswith(f"{m}_{k}_")))
               for m, _ in MODELS for k, _, _ in PROMPTS}
     rows = ["| model | subject fidelity (cos) | 'a sks digit' drawn as a zero | 'three' drawn as 3 | 'seven' drawn as 7 |",
             "|---|---|---|---|---|"]

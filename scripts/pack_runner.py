@@ -8,8 +8,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from assets import (adapted_workflow, asset_cache_dir, install, output_files, write_sd15_unet,  # noqa: E402,F401
-                    write_tiny_sd15_checkpoint)
+from assets import (adapted_workflow, asset_cache_dir, install, output_files, read_images,  # noqa: E402,F401
+                    write_sd15_unet, write_tiny_sd15_checkpoint)
 from comfy_host import ComfyServer  # noqa: E402,F401
 
 

@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-COMFY_DIR = REPO_ROOT / ".comfyui"
 
 #: Bumped whenever the layout or initialisation of generated files changes: cached files are then rewritten.
 ASSET_VERSION = "1"
@@ -646,6 +645,15 @@ def output_files(history_entry: Mapping[str, Any], output_dir: str | os.PathLike
             if item.get("type", "output") == "output":
                 paths.append(Path(output_dir) / item.get("subfolder", "") / item["filename"])
     return paths
+
+
+def read_images(paths: Iterable[str | os.PathLike[str]]) -> Any:
+    """PNG files -> a ComfyUI IMAGE tensor (B, H, W, 3) in [0, 1]."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    return torch.from_numpy(np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])).float() / 255.0
 
 
 def execution_seconds(history_entry: Mapping[str, Any]) -> float | None:

@@ -2,12 +2,11 @@
 samples what it is asked for through the stock KSampler and VAEDecode."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from safetensors.torch import load_file
 
-from assets import Graph, output_files
+from assets import Graph, output_files, read_images
 from tuneqdm_core.digits import data
 from tuneqdm_core.digits.metrics import Judge, load_classifier
 
@@ -21,8 +20,7 @@ DEMO_NODES = {
 
 
 def _images(server, entry) -> torch.Tensor:
-    paths = output_files(entry, server.output_dir)
-    return torch.from_numpy(np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])).float() / 255
+    return read_images(output_files(entry, server.output_dir))
 
 
 def test_demo_nodes_are_registered(comfy_server):
@@ -87,8 +85,6 @@ def test_saved_quantized_default_model_keeps_its_v_prediction(comfy_server):
     reloaded = g.node("TuneQDMLoadQuantizedUNet", unet_name="default_w4.safetensors")
     sample(g, reloaded.out(0), load.out(1), load.out(2), "default_w4_after")
     second = comfy_server.run(g.to_api(), check=True)
-
-    from safetensors.torch import load_file
 
     (a,), (b,) = (output_files(e, comfy_server.output_dir, kind="latents") for e in (first, second))
     torch.testing.assert_close(load_file(str(b))["latent_tensor"], load_file(str(a))["latent_tensor"], rtol=0, atol=0)

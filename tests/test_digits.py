@@ -2,6 +2,7 @@
 the metrics and the quality benchmark's path (tiny settings)."""
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -82,8 +83,6 @@ def test_quality_benchmark_runs_end_to_end_with_tiny_settings():
            "--prompt-samples", "1", "--sample-steps", "3", "--rows", "1,12", "--json"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    import json
-
     rows = json.loads(proc.stdout)["rows"]
     assert [r["row"] for r in rows] == ["float, no fine-tuning", "TuneQDM W4, 4 experts"]
     for r in rows:
