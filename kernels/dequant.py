@@ -2,8 +2,10 @@
 
 Layout (see tuneqdm_core/quant.py): the weight is (N, K) codes, N output channels. Codes of up to 4
 bits are packed two per byte along K, low nibble first, so row n holds ceil(K / 2) bytes and, for odd
-K, the high nibble of its last byte is padding. Codes of 5..8 bits take one byte each. `zero` is one
-uint8 per output channel and the integer weight is A = Q - z.
+K, the high nibble of its last byte is padding. Codes of 5..8 bits take one byte each. Per channel,
+`zero` is one uint8 per output channel and A = Q - z. Group-wise (group size g), column k belongs to
+group k // g, `zero` holds one code per group (packed like the codes at up to 4 bits) and
+`group_scale` one fp16 relative step per group: A = S * (Q - z), built in fp32 in registers.
 
 `dequantize_codes` writes A in a float dtype. It is the conv path's weight: built inside one call,
 handed to the vendor convolution and dropped (and built again in backward).
@@ -23,10 +25,13 @@ def interpreting() -> bool:
 
 
 @triton.jit
-def weight_tile(w_ptr, zero_ptr, offs_n, k0, N, K, stride_wn,
-                PACKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """A = Q - z for rows `offs_n` (BLOCK_N,) and columns k0 .. k0 + BLOCK_K, as int32 (BLOCK_N, BLOCK_K);
-    zero outside the weight. k0 must be a multiple of BLOCK_K (so even when PACKED)."""
+def weight_tile(w_ptr, zero_ptr, gs_ptr, offs_n, k0, N, K, stride_wn, stride_zn, stride_gn, GROUP,
+                PACKED: tl.constexpr, GROUPED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A for rows `offs_n` (BLOCK_N,) and columns k0 .. k0 + BLOCK_K; zero outside the weight.
+    Per channel (GROUPED false): Q - z as int32, one z per row. Group-wise: S * (Q - z) as float32, with
+    the group of column k being k // GROUP, its zero point read from `zero_ptr` (packed two per byte,
+    low nibble first, when PACKED, like the codes) and its relative step from `gs_ptr`.
+    k0 must be a multiple of BLOCK_K (so even when PACKED)."""
     n_mask = offs_n < N
     offs_k = k0 + tl.arange(0, BLOCK_K)
     k_mask = offs_k < K
@@ -42,29 +47,54 @@ def weight_tile(w_ptr, zero_ptr, offs_n, k0, N, K, stride_wn,
     else:
         q = tl.load(w_ptr + rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0)
         q = q.to(tl.int32)
-    z = tl.load(zero_ptr + offs_n, mask=n_mask, other=0).to(tl.int32)
-    # Masking after the subtraction also drops the padding nibble of an odd K.
-    return tl.where(n_mask[:, None] & k_mask[None, :], q - z[:, None], 0)
+    mask = n_mask[:, None] & k_mask[None, :]
+    if GROUPED:
+        gidx = offs_k // GROUP
+        zrows = offs_n.to(tl.int64)[:, None] * stride_zn
+        if PACKED:
+            zb = tl.load(zero_ptr + zrows + (gidx // 2)[None, :], mask=mask, other=0).to(tl.int32)
+            z = (zb >> ((gidx & 1) * 4)[None, :]) & 0xF
+        else:
+            z = tl.load(zero_ptr + zrows + gidx[None, :], mask=mask, other=0).to(tl.int32)
+        s = tl.load(gs_ptr + offs_n.to(tl.int64)[:, None] * stride_gn + gidx[None, :], mask=mask, other=0.0)
+        return tl.where(mask, (q - z).to(tl.float32) * s.to(tl.float32), 0.0)
+    else:
+        z = tl.load(zero_ptr + offs_n, mask=n_mask, other=0).to(tl.int32)
+        # Masking after the subtraction also drops the padding nibble of an odd K.
+        return tl.where(mask, q - z[:, None], 0)
+
+
+def group_args(zero: torch.Tensor, group_scale: torch.Tensor | None, group_size: int) -> tuple:
+    """(zero, gs_ptr, stride_zn, stride_gn, GROUP, GROUPED) for a kernel launch; per channel: placeholders."""
+    if group_scale is None or not group_size:
+        return zero, zero, 0, 0, 1, False
+    if zero.stride(1) != 1:
+        zero = zero.contiguous()
+    if group_scale.stride(1) != 1:
+        group_scale = group_scale.contiguous()
+    return zero, group_scale, zero.stride(0), group_scale.stride(0), int(group_size), True
 
 
 @triton.jit
 def int_to_float(a, DTYPE: tl.constexpr):
-    """Small integers -> DTYPE, exact. bf16 goes through fp32: the interpreter's direct int -> bf16
-    cast returns garbage, and on a GPU the conversion is done that way anyway."""
+    """Small integers (or the fp32 group-wise tile) -> DTYPE, integers exactly. bf16 goes through fp32:
+    the interpreter's direct int -> bf16 cast returns garbage, and on a GPU the conversion is done that
+    way anyway."""
     if DTYPE == tl.bfloat16:
         return a.to(tl.float32).to(DTYPE)
     return a.to(DTYPE)
 
 
 @triton.jit
-def _dequant_kernel(w_ptr, zero_ptr, out_ptr, N, K, stride_wn, stride_on,
-                    PACKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _dequant_kernel(w_ptr, zero_ptr, gs_ptr, out_ptr, N, K, stride_wn, stride_zn, stride_gn, GROUP, stride_on,
+                    PACKED: tl.constexpr, GROUPED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = pid_k * BLOCK_K
     offs_k = k0 + tl.arange(0, BLOCK_K)
-    a = weight_tile(w_ptr, zero_ptr, offs_n, k0, N, K, stride_wn, PACKED, BLOCK_N, BLOCK_K)
+    a = weight_tile(w_ptr, zero_ptr, gs_ptr, offs_n, k0, N, K, stride_wn, stride_zn, stride_gn, GROUP,
+                    PACKED, GROUPED, BLOCK_N, BLOCK_K)
     mask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
     ptrs = out_ptr + offs_n.to(tl.int64)[:, None] * stride_on + offs_k[None, :]
     tl.store(ptrs, int_to_float(a, out_ptr.dtype.element_ty), mask=mask)
@@ -75,8 +105,9 @@ def _pow2(n: int, lo: int, hi: int) -> int:
 
 
 def dequantize_codes(packed: torch.Tensor, zero: torch.Tensor, bits: int, shape: tuple[int, ...],
-                     dtype: torch.dtype) -> torch.Tensor:
-    """A = Q - z as `dtype` in the weight's own `shape`; same result as quant.integer_weight."""
+                     dtype: torch.dtype, group_scale: torch.Tensor | None = None, group_size: int = 0) -> torch.Tensor:
+    """A = Q - z (group-wise S * (Q - z)) as `dtype` in the weight's own `shape`; same result as
+    quant.integer_weight."""
     n = int(shape[0])
     k = 1
     for d in shape[1:]:
@@ -94,6 +125,7 @@ def dequantize_codes(packed: torch.Tensor, zero: torch.Tensor, bits: int, shape:
     else:
         block_n, block_k = 32, 128
     grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
-    _dequant_kernel[grid](packed, zero, out, n, k, packed.stride(0), out.stride(0),
-                          PACKED=packed_rows, BLOCK_N=block_n, BLOCK_K=block_k)
+    zero, gs, stride_zn, stride_gn, group, grouped = group_args(zero, group_scale, group_size)
+    _dequant_kernel[grid](packed, zero, gs, out, n, k, packed.stride(0), stride_zn, stride_gn, group, out.stride(0),
+                          PACKED=packed_rows, GROUPED=grouped, BLOCK_N=block_n, BLOCK_K=block_k)
     return out.reshape(shape)

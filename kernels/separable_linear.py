@@ -1,7 +1,7 @@
 """Fused separable quantized Linear in Triton, forward and backward.
 
 For rows m of the flattened activation x (M, K), each carrying the expert index e_m of its sample,
-packed integer weight A = Q - z (N, K) and per-expert scale tables s_in (E, K), s_out (E, N):
+packed integer weight A = Q - z (N, K) (group-wise S * (Q - z), see dequant.py) and per-expert scale tables s_in (E, K), s_out (E, N):
 
     forward        y[m, :]  = s_out[e_m] * ((x[m] * s_in[e_m]) @ A^T) + b
     input grad     gu[m, :] = (dy[m] * s_out[e_m]) @ A,   dx[m] = gu[m] * s_in[e_m]
@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dequant import int_to_float, interpreting, weight_tile
+from .dequant import group_args, int_to_float, interpreting, weight_tile
 
 _DOT_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
@@ -39,9 +39,10 @@ def _grouped_pid(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl
 
 
 @triton.jit
-def _linear_fwd_kernel(x_ptr, w_ptr, zero_ptr, s_in_ptr, s_out_ptr, bias_ptr, rows_ptr, y_ptr,
-                       M, N, K, stride_xm, stride_xk, stride_wn, stride_sin, stride_sout, stride_ym,
-                       PACKED: tl.constexpr, APPLY_S_OUT: tl.constexpr, HAS_BIAS: tl.constexpr,
+def _linear_fwd_kernel(x_ptr, w_ptr, zero_ptr, gs_ptr, s_in_ptr, s_out_ptr, bias_ptr, rows_ptr, y_ptr,
+                       M, N, K, stride_xm, stride_xk, stride_wn, stride_zn, stride_gn, GROUP,
+                       stride_sin, stride_sout, stride_ym,
+                       PACKED: tl.constexpr, GROUPED: tl.constexpr, APPLY_S_OUT: tl.constexpr, HAS_BIAS: tl.constexpr,
                        DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        GROUP_M: tl.constexpr):
@@ -60,7 +61,8 @@ def _linear_fwd_kernel(x_ptr, w_ptr, zero_ptr, s_in_ptr, s_out_ptr, bias_ptr, ro
         x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=mask, other=0.0)
         s = tl.load(s_in_rows + offs_k[None, :], mask=mask, other=0.0)
         u = (x.to(tl.float32) * s.to(tl.float32)).to(DOT_DTYPE)
-        a = weight_tile(w_ptr, zero_ptr, offs_n, k0, N, K, stride_wn, PACKED, BLOCK_N, BLOCK_K)
+        a = weight_tile(w_ptr, zero_ptr, gs_ptr, offs_n, k0, N, K, stride_wn, stride_zn, stride_gn, GROUP,
+                        PACKED, GROUPED, BLOCK_N, BLOCK_K)
         acc = tl.dot(u, tl.trans(int_to_float(a, DOT_DTYPE)), acc, input_precision=INPUT_PRECISION)
     out_mask = m_mask[:, None] & n_mask[None, :]
     if APPLY_S_OUT:
@@ -75,9 +77,11 @@ def _linear_fwd_kernel(x_ptr, w_ptr, zero_ptr, s_in_ptr, s_out_ptr, bias_ptr, ro
 
 
 @triton.jit
-def _linear_input_grad_kernel(g_ptr, w_ptr, zero_ptr, s_in_ptr, s_out_ptr, rows_ptr, gu_ptr, gx_ptr,
-                              M, N, K, stride_gm, stride_gn, stride_wn, stride_sin, stride_sout, stride_om,
-                              PACKED: tl.constexpr, STORE_GU: tl.constexpr, STORE_GX: tl.constexpr,
+def _linear_input_grad_kernel(g_ptr, w_ptr, zero_ptr, gs_ptr, s_in_ptr, s_out_ptr, rows_ptr, gu_ptr, gx_ptr,
+                              M, N, K, stride_gm, stride_gn, stride_wn, stride_zn, stride_sn, GROUP,
+                              stride_sin, stride_sout, stride_om,
+                              PACKED: tl.constexpr, GROUPED: tl.constexpr, STORE_GU: tl.constexpr,
+                              STORE_GX: tl.constexpr,
                               DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                               GROUP_M: tl.constexpr):
@@ -99,7 +103,8 @@ def _linear_input_grad_kernel(g_ptr, w_ptr, zero_ptr, s_in_ptr, s_out_ptr, rows_
         g = tl.load(g_rows + offs_n[None, :] * stride_gn, mask=mask, other=0.0)
         s = tl.load(s_out_rows + offs_n[None, :], mask=mask, other=0.0)
         gs = (g.to(tl.float32) * s.to(tl.float32)).to(DOT_DTYPE)
-        a = weight_tile(w_ptr, zero_ptr, offs_n, k0, N, K, stride_wn, PACKED, BLOCK_N, BLOCK_K)
+        a = weight_tile(w_ptr, zero_ptr, gs_ptr, offs_n, k0, N, K, stride_wn, stride_zn, stride_sn, GROUP,
+                        PACKED, GROUPED, BLOCK_N, BLOCK_K)
         acc = tl.dot(gs, int_to_float(a, DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
     out_mask = m_mask[:, None] & k_mask[None, :]
     out_offs = offs_m.to(tl.int64)[:, None] * stride_om + offs_k[None, :]
@@ -150,7 +155,8 @@ def _rows_of(x: torch.Tensor) -> torch.Tensor:
 
 def linear_forward(x2: torch.Tensor, s_in: torch.Tensor, s_out: torch.Tensor | None, bias: torch.Tensor | None,
                    row_experts: torch.Tensor, packed: torch.Tensor, zero: torch.Tensor, bits: int, n_out: int,
-                   out_dtype: torch.dtype | None = None, blocks: dict | None = None) -> torch.Tensor:
+                   out_dtype: torch.dtype | None = None, blocks: dict | None = None,
+                   group_scale: torch.Tensor | None = None, group_size: int = 0) -> torch.Tensor:
     """(M, K) activation rows -> (M, N). `s_out=None` leaves out the s_out epilogue (that is v)."""
     m, k = x2.shape
     out = torch.empty(m, n_out, dtype=out_dtype or x2.dtype, device=x2.device)
@@ -168,10 +174,12 @@ def linear_forward(x2: torch.Tensor, s_in: torch.Tensor, s_out: torch.Tensor | N
         bm, bn, bk = blocks.get("BLOCK_M", bm), blocks.get("BLOCK_N", bn), blocks.get("BLOCK_K", bk)
         warps, stages = blocks.get("num_warps", warps), blocks.get("num_stages", stages)
     grid = (triton.cdiv(m, bm) * triton.cdiv(n_out, bn),)
+    zero, gs, stride_zn, stride_gn, group, grouped = group_args(zero, group_scale, group_size)
     _linear_fwd_kernel[grid](
-        x2, packed, zero, s_in, s_out_t, bias if bias is not None else s_in, row_experts, out,
-        m, n_out, k, x2.stride(0), x2.stride(1), packed.stride(0), s_in.stride(0), s_out_t.stride(0), out.stride(0),
-        PACKED=bits <= 4, APPLY_S_OUT=s_out is not None, HAS_BIAS=bias is not None,
+        x2, packed, zero, gs, s_in, s_out_t, bias if bias is not None else s_in, row_experts, out,
+        m, n_out, k, x2.stride(0), x2.stride(1), packed.stride(0), stride_zn, stride_gn, group,
+        s_in.stride(0), s_out_t.stride(0), out.stride(0),
+        PACKED=bits <= 4, GROUPED=grouped, APPLY_S_OUT=s_out is not None, HAS_BIAS=bias is not None,
         DOT_DTYPE=_dot_dtype(x2.dtype), INPUT_PRECISION=_input_precision(x2.dtype),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, num_warps=warps, num_stages=stages)
     return out
@@ -179,7 +187,8 @@ def linear_forward(x2: torch.Tensor, s_in: torch.Tensor, s_out: torch.Tensor | N
 
 def linear_input_grad(g2: torch.Tensor, s_in: torch.Tensor, s_out: torch.Tensor, row_experts: torch.Tensor,
                       packed: torch.Tensor, zero: torch.Tensor, bits: int, k: int, *, want_gu: bool, want_gx: bool,
-                      out_dtype: torch.dtype | None = None, blocks: dict | None = None
+                      out_dtype: torch.dtype | None = None, blocks: dict | None = None,
+                      group_scale: torch.Tensor | None = None, group_size: int = 0
                       ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(M, N) output gradient -> (gu, grad_x), each (M, K) or None: gu = (dy * s_out[e]) @ A in float32
     (it feeds the s_in gradient) and grad_x = gu * s_in[e] in `out_dtype` (default: dy's)."""
@@ -197,10 +206,12 @@ def linear_input_grad(g2: torch.Tensor, s_in: torch.Tensor, s_out: torch.Tensor,
         warps, stages = blocks.get("num_warps", warps), blocks.get("num_stages", stages)
     grid = (triton.cdiv(m, bm) * triton.cdiv(k, bk),)
     some = gu if gu is not None else gx  # stands in for the one not stored; both are contiguous (M, K)
+    zero, gs, stride_zn, stride_gn, group, grouped = group_args(zero, group_scale, group_size)
     _linear_input_grad_kernel[grid](
-        g2, packed, zero, s_in, s_out, row_experts, gu if gu is not None else some, gx if gx is not None else some,
-        m, n, k, g2.stride(0), g2.stride(1), packed.stride(0), s_in.stride(0), s_out.stride(0), k,
-        PACKED=bits <= 4, STORE_GU=want_gu, STORE_GX=want_gx,
+        g2, packed, zero, gs, s_in, s_out, row_experts, gu if gu is not None else some, gx if gx is not None else some,
+        m, n, k, g2.stride(0), g2.stride(1), packed.stride(0), stride_zn, stride_gn, group,
+        s_in.stride(0), s_out.stride(0), k,
+        PACKED=bits <= 4, GROUPED=grouped, STORE_GU=want_gu, STORE_GX=want_gx,
         DOT_DTYPE=_dot_dtype(g2.dtype), INPUT_PRECISION=_input_precision(g2.dtype),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, num_warps=warps, num_stages=stages)
     return gu, gx
@@ -217,6 +228,11 @@ def row_experts_of(experts: torch.Tensor, batch: int, rows: int) -> torch.Tensor
     return e.repeat_interleave(per) if per != 1 else e.contiguous()
 
 
+def _groups(weight) -> dict:
+    """The group-wise fields of a PackedWeight-like `weight` (absent on per-channel ones)."""
+    return {"group_scale": getattr(weight, "group_scale", None), "group_size": getattr(weight, "group_size", 0)}
+
+
 def _expert_sum(rows: torch.Tensor, row_experts: torch.Tensor, num_experts: int) -> torch.Tensor:
     out = torch.zeros(num_experts, rows.shape[1], dtype=torch.float32, device=rows.device)
     return out.index_add_(0, row_experts, rows)
@@ -231,7 +247,8 @@ class SeparableLinearFn(torch.autograd.Function):
         batch = x.shape[0]
         x2 = _rows_of(x.reshape(-1, k))
         rows = row_experts_of(experts.to(x.device), batch, x2.shape[0])
-        y = linear_forward(x2, s_in, s_out, bias, rows, weight.packed, weight.zero, weight.bits, n, blocks=blocks)
+        y = linear_forward(x2, s_in, s_out, bias, rows, weight.packed, weight.zero, weight.bits, n, blocks=blocks,
+                           **_groups(weight))
         ctx.save_for_backward(x2, s_in, s_out, rows)
         ctx.weight, ctx.blocks, ctx.has_bias = weight, blocks, bias is not None
         ctx.x_shape = x.shape
@@ -247,12 +264,12 @@ class SeparableLinearFn(torch.autograd.Function):
         grad_x = grad_in = grad_out = grad_b = None
         if need_out:
             v = linear_forward(x2, s_in, None, None, rows, w.packed, w.zero, w.bits, n, out_dtype=torch.float32,
-                               blocks=blocks)
+                               blocks=blocks, **_groups(w))
             grad_out = _expert_sum(v.mul_(g2), rows, num).to(s_out.dtype)
             del v
         if need_x or need_in:
             gu, gx = linear_input_grad(g2, s_in, s_out, rows, w.packed, w.zero, w.bits, k, want_gu=need_in,
-                                       want_gx=need_x, blocks=blocks)
+                                       want_gx=need_x, blocks=blocks, **_groups(w))
             if need_x:
                 grad_x = gx.reshape(ctx.x_shape)
             if need_in:
@@ -264,7 +281,7 @@ class SeparableLinearFn(torch.autograd.Function):
 
 def separable_linear(x: torch.Tensor, s_in: torch.Tensor, s_out: torch.Tensor, bias: torch.Tensor | None,
                      experts: torch.Tensor, weight, blocks: dict | None = None) -> torch.Tensor:
-    """The Triton separable Linear. `weight` has `packed`, `zero`, `bits`, `shape` (out, in) like
-    tuneqdm_core.functional.PackedWeight. x (B, ..., in); s_in (N, in); s_out (N, out); experts (B,).
+    """The Triton separable Linear. `weight` has `packed`, `zero`, `bits`, `shape` (out, in) and, group-wise,
+    `group_scale` and `group_size`, like tuneqdm_core.functional.PackedWeight. x (B, ..., in); s_in (N, in); s_out (N, out); experts (B,).
     `blocks` overrides the tile sizes (BLOCK_M/BLOCK_N/BLOCK_K, num_warps, num_stages): for tests."""
     return SeparableLinearFn.apply(x, s_in, s_out, bias, experts, weight, blocks)

@@ -1,15 +1,21 @@
 """ComfyUI nodes of the TuneQDM pack: thin wrappers around tuneqdm_core."""
-from . import folders
+from . import default_model, folders, rope_grad
 from .default_nodes import DefaultSubjectImages, DefaultTextEncode, LoadDefaultModel
 from .file_nodes import LoadQuantizedUNet, LoadScales, SaveQuantizedUNet, SaveScales
+from .loader_nodes import LoadQuantizeCheckpoint, LoadQuantizeDiffusionModel
 from .quantize_node import QuantizeUNet
 from .sampler_node import ExpertRoutedSampler
 from .train_node import TrainScales
 
 folders.register()
+default_model.register_detection()
+# Training through Flux and Wan on ComfyUI 0.8 needs a backward for comfy_kitchen's RoPE ops.
+rope_grad.register()
 
 NODE_CLASS_MAPPINGS = {
     "TuneQDMQuantizeUNet": QuantizeUNet,
+    "TuneQDMLoadQuantizeDiffusionModel": LoadQuantizeDiffusionModel,
+    "TuneQDMLoadQuantizeCheckpoint": LoadQuantizeCheckpoint,
     "TuneQDMSaveQuantizedUNet": SaveQuantizedUNet,
     "TuneQDMLoadQuantizedUNet": LoadQuantizedUNet,
     "TuneQDMSaveScales": SaveScales,
@@ -23,6 +29,8 @@ NODE_CLASS_MAPPINGS = {
 
 NODE_DISPLAY_NAME_MAPPINGS = {
     "TuneQDMQuantizeUNet": "Quantize UNet (TuneQDM)",
+    "TuneQDMLoadQuantizeDiffusionModel": "Load and Quantize Diffusion Model (TuneQDM)",
+    "TuneQDMLoadQuantizeCheckpoint": "Load and Quantize Checkpoint UNet (TuneQDM)",
     "TuneQDMSaveQuantizedUNet": "Save Quantized UNet (TuneQDM)",
     "TuneQDMLoadQuantizedUNet": "Load Quantized UNet (TuneQDM)",
     "TuneQDMSaveScales": "Save Scales (TuneQDM)",

@@ -4,6 +4,7 @@ stand-in that is the fixed pixel codec of tuneqdm_core.digits.data (stock VAEEnc
 only `encode` and `decode`)."""
 from __future__ import annotations
 
+import comfy.model_base
 import comfy.model_management
 import comfy.model_patcher
 import comfy.supported_models
@@ -15,6 +16,24 @@ from ..tuneqdm_core.digits.text import TextEncoder
 from . import model_files
 
 TEXT_ENCODER_TYPE = "TUNEQDM_TEXT_ENCODER"
+
+
+class DigitsSD15(comfy.supported_models.SD15):
+    """The default model's family for ComfyUI's model detection, so that the stock UNETLoader loads its
+    files too (fp16, fp8-scaled or `_quantization_metadata` copies): SD1.5's detection wants 320
+    channels and 768-wide context, and SD1.5 is eps where the default model predicts v."""
+
+    unet_config = {"context_dim": UNET_CONFIG["context_dim"], "model_channels": UNET_CONFIG["model_channels"],
+                   "use_linear_in_transformer": True, "adm_in_channels": None, "use_temporal_attention": False}
+
+    def model_type(self, state_dict, prefix=""):
+        return comfy.model_base.ModelType[MODEL_TYPE]
+
+
+def register_detection() -> None:
+    """Idempotent; the config matches only this 32-channel, 384-context UNet."""
+    if not any(getattr(c, "__name__", "") == DigitsSD15.__name__ for c in comfy.supported_models.models):
+        comfy.supported_models.models.insert(0, DigitsSD15)
 
 
 def load_model() -> comfy.model_patcher.ModelPatcher:

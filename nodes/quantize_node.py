@@ -1,19 +1,80 @@
-"""Quantize UNet (TuneQDM)."""
+"""Quantize UNet (TuneQDM), and the quantization options it shares with the quantize-on-load loaders."""
 from __future__ import annotations
 
 import logging
 
-from ..tuneqdm_core import TuneQDMConfig
+from ..tuneqdm_core import QuantReport, TuneQDMConfig
+from ..tuneqdm_core.config import DEFAULT_GROUP_SIZE
 from .patcher import progress_callback, quantize_patcher
 
 CATEGORY = "TuneQDM"
 SCALE_MODES = ("s_out and s_in (TuneQDM)", "s_out only (PEQA)")
+PER_CHANNEL = "per-channel"
+GROUP_SIZES = (PER_CHANNEL, "32", "64", "128")
+DEFAULT_GROUP = str(DEFAULT_GROUP_SIZE)
+
+
+def quantize_options() -> dict:
+    """The inputs every quantizing node takes, in ComfyUI's INPUT_TYPES form."""
+    return {
+        "bits": (["4", "8"], {"default": "4", "tooltip": "Weight bits. W4 packs two weights per byte."}),
+        "experts": ("INT", {"default": 4, "min": 1, "max": 8,
+                            "tooltip": "Timestep experts: the 1000 timesteps are split into this many equal "
+                                       "intervals, each with its own scales. 1 = no timestep experts."}),
+        "scales": (list(SCALE_MODES), {"default": SCALE_MODES[0],
+                                       "tooltip": "Which scales training may change. PEQA (the baseline) "
+                                                  "trains s_out only, with 1 expert."}),
+        "s_in_init": (["ones", "normal"], {"default": "ones",
+                                           "tooltip": "Initial input-channel scales: all 1 (reference code) "
+                                                      "or N(1, 0.01) (paper)."}),
+        "keep_float": ("STRING", {"default": "", "multiline": False,
+                                  "tooltip": "Comma-separated layer-name patterns to leave in float, "
+                                             "e.g. '*conv_in*, *out.2*'. Empty: quantize all."}),
+    }
+
+
+def quantize_optional() -> dict:
+    """Quantization inputs that are optional in the graph (a workflow saved before they existed gets the
+    default): the group size of the frozen base steps."""
+    return {
+        "group_size": (list(GROUP_SIZES), {
+            "default": DEFAULT_GROUP,
+            "tooltip": "Frozen base steps per group of this many input values, each group with its own step and "
+                       "zero point fitted to minimise the weight error (as GGUF's blocks); the trainable scales "
+                       "sit on top. per-channel: one step per output channel (smaller, less faithful at W4). "
+                       f"Default {DEFAULT_GROUP}: at W4 closer to the float model than GGUF Q4_0, at 0.29x an fp16 "
+                       "file."}),
+    }
+
+
+def group_size_of(option: str) -> int:
+    if option == PER_CHANNEL:
+        return 0
+    if option not in GROUP_SIZES:
+        raise ValueError(f"group_size must be one of {', '.join(GROUP_SIZES)}, got {option!r}")
+    return int(option)
+
+
+def config_from_options(bits: str, experts: int, scales: str, s_in_init: str, keep_float: str,
+                        group_size: str = DEFAULT_GROUP) -> TuneQDMConfig:
+    patterns = tuple(p.strip() for p in keep_float.split(",") if p.strip())
+    return TuneQDMConfig(bits=int(bits), experts=experts, train_s_in=scales == SCALE_MODES[0],
+                         s_in_init=s_in_init, keep_float=patterns, group_size=group_size_of(group_size))
+
+
+def publish(report: QuantReport) -> str:
+    text = report.summary()
+    logging.info(text)
+    return text
 
 
 class QuantizeUNet:
-    DESCRIPTION = ("Quantizes every Linear/Conv2d of the diffusion model to 4 or 8 bits (per output channel, "
-                   "round-to-nearest) and gives it trainable separable scales, one set per timestep expert. "
-                   "The input MODEL is left untouched.")
+    DESCRIPTION = ("Quantizes every Linear/Conv2d of the diffusion model to 4 or 8 bits (a frozen step and zero "
+                   "point per group of 32 input values, fitted to the weights; or per output channel) and gives it trainable separable scales, one set per timestep expert. "
+                   "The input MODEL is left untouched, so the float model stays in memory beside the quantized "
+                   "one: to quantize a model file without ever holding it in float, use 'Load and Quantize "
+                   "Diffusion Model (TuneQDM)' instead. This node is for models other nodes have changed "
+                   "(LoRAs merged, patches).")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL", "STRING")
     RETURN_NAMES = ("model", "report")
@@ -24,29 +85,13 @@ class QuantizeUNet:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL", {"tooltip": "Any diffusion model ComfyUI loads (SD 1.x, SDXL, SD3, Flux...)."}),
-            "bits": (["4", "8"], {"default": "4", "tooltip": "Weight bits. W4 packs two weights per byte."}),
-            "experts": ("INT", {"default": 4, "min": 1, "max": 8,
-                                "tooltip": "Timestep experts: the 1000 timesteps are split into this many equal "
-                                           "intervals, each with its own scales. 1 = no timestep experts."}),
-            "scales": (list(SCALE_MODES), {"default": SCALE_MODES[0],
-                                           "tooltip": "Which scales training may change. PEQA (the baseline) "
-                                                      "trains s_out only, with 1 expert."}),
-            "s_in_init": (["ones", "normal"], {"default": "ones",
-                                               "tooltip": "Initial input-channel scales: all 1 (reference code) "
-                                                          "or N(1, 0.01) (paper)."}),
-            "keep_float": ("STRING", {"default": "", "multiline": False,
-                                      "tooltip": "Comma-separated layer-name patterns to leave in float, "
-                                                 "e.g. '*conv_in*, *out.2*'. Empty: quantize all."}),
-        }}
+            "model": ("MODEL", {"tooltip": "Any diffusion model ComfyUI loads (SD 1.x, SDXL, SD3, Flux...). It "
+                                           "stays in memory: 'Load and Quantize Diffusion Model' never loads "
+                                           "the float model at all."}),
+            **quantize_options(),
+        }, "optional": quantize_optional()}
 
-    def quantize(self, model, bits, experts, scales, s_in_init, keep_float):
-        bits = int(bits)
-        patterns = tuple(p.strip() for p in keep_float.split(",") if p.strip())
-        config = TuneQDMConfig(bits=bits, experts=experts, train_s_in=scales == SCALE_MODES[0],
-                               s_in_init=s_in_init, keep_float=patterns)
+    def quantize(self, model, bits, experts, scales, s_in_init, keep_float, group_size=DEFAULT_GROUP):
+        config = config_from_options(bits, experts, scales, s_in_init, keep_float, group_size)
         quantized, report = quantize_patcher(model, config, progress=progress_callback())
-        text = report.summary()
-        logging.info(text)
-        print(text)
-        return (quantized, text)
+        return (quantized, publish(report))

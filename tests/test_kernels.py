@@ -169,6 +169,72 @@ def test_conv_triton_path_matches_torch_reference(bits, geo):
         torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
 
 
+# ---------------------------------------------------------------- group-wise base steps
+
+def make_grouped_case(bits, n, k, group_size, experts=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    qw = quantize_weight(torch.randn(n, k, generator=g), bits, group_size)
+    weight = PackedWeight(qw.packed, qw.zero, bits, (n, k), qw.group_scale, group_size)
+    s_in = 1 + 0.3 * torch.randn(experts, k, generator=g)
+    s_out = qw.scale[None] * (1 + 0.3 * torch.randn(experts, n, generator=g))
+    return weight, s_in, s_out, torch.randn(n, generator=g)
+
+
+@pytest.mark.parametrize("bits,group_size", [(4, 32), (4, 8), (8, 16), (3, 8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_grouped_fused_linear_forward_and_backward_match_torch_reference(bits, group_size, dtype):
+    n, k = 19, 45  # 45 = odd K (padding nibble at 4 bits) and no group size divides it: a shorter last group
+    weight, s_in, s_out, b = make_grouped_case(bits, n, k, group_size, seed=bits + group_size)
+    experts = torch.tensor([2, 0, 2, 1])
+    x = torch.randn(4, 5, k).to(dtype)
+    g = torch.randn(4, 5, n)
+    got = run_linear(x, s_in, s_out, b, experts, weight, g, backend="triton")
+    ref = run_linear(x.double(), s_in.double(), s_out.double(), b.double(), experts, weight, g.double(),
+                     backend="torch")
+    check_against_reference(got, ref, dtype)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_grouped_fused_linear_crosses_block_boundaries(bits):
+    # Blocks of 16 along K, groups of 8 (two per block) and 24 (groups straddle blocks).
+    for group_size in (8, 24):
+        weight, s_in, s_out, b = make_grouped_case(bits, 23, 45, group_size, experts=4, seed=group_size)
+        experts = torch.tensor([3, 1, 3])
+        x, g = torch.randn(3, 7, 45), torch.randn(3, 7, 23)
+        blocks = {"BLOCK_M": 8, "BLOCK_N": 16, "BLOCK_K": 16}
+        got = run_linear(x, s_in, s_out, b, experts, weight, g, fn=kernels.separable_linear, blocks=blocks)
+        ref = run_linear(x.double(), s_in.double(), s_out.double(), b.double(), experts, weight, g.double(),
+                         backend="torch")
+        check_against_reference(got, ref, torch.float32)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("shape,group_size", [((19, 37), 8), ((5, 3, 3, 3), 16), ((12, 64), 32), ((3, 9), 8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_grouped_dequant_kernel_matches_integer_weight(bits, shape, group_size, dtype):
+    qw = quantize_weight(torch.randn(shape, generator=torch.Generator().manual_seed(bits)), bits, group_size)
+    a = kernels.dequantize_codes(qw.packed, qw.zero, bits, qw.shape, dtype, qw.group_scale, group_size)
+    ref = integer_weight(qw.packed, qw.zero, bits, qw.shape, dtype, qw.group_scale, group_size)
+    assert a.dtype == dtype and a.shape == tuple(shape)
+    # fp32: S * (Q - z) exactly; fp16: the torch path rounds (Q - z) and S's product in fp16 the same way
+    torch.testing.assert_close(a, ref, rtol=1e-3 if dtype == torch.float16 else 0, atol=0)
+
+
+def test_grouped_conv_triton_path_matches_torch_reference():
+    torch.manual_seed(0)
+    geo = ConvGeometry((1, 1), (1, 1), (1, 1), 1)
+    qw = quantize_weight(torch.randn(10, 6, 3, 3), 4, 32)  # K = 54: groups of 32 and 22
+    weight = PackedWeight(qw.packed, qw.zero, 4, qw.shape, qw.group_scale, 32)
+    s_in = 1 + 0.3 * torch.randn(2, 6)
+    s_out = qw.scale[None] * (1 + 0.3 * torch.randn(2, 10))
+    b, ex, x = torch.randn(10), torch.tensor([1, 0]), torch.randn(2, 6, 5, 6)
+    g = torch.randn_like(separable_conv2d(x, s_in, s_out, b, ex, weight, geo, backend="torch"))
+    got = run_linear(x, s_in, s_out, b, ex, weight, g, fn=separable_conv2d, geo=geo, backend="triton")
+    ref = run_linear(x, s_in, s_out, b, ex, weight, g, fn=separable_conv2d, geo=geo, backend="torch")
+    for a, r in zip(got, ref):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------- the dispatcher
 
 def fake_input(device_cuda=True, dtype=torch.float16):

@@ -10,7 +10,8 @@ from tuneqdm_core.quant import integer_weight
 
 def reference_weight(layer, e):
     """diag(s_out[e]) (Q - z) diag(s_in[e]) built explicitly, in float64."""
-    a = integer_weight(layer.qweight, layer.zero, layer.bits, layer.weight_shape, torch.float64)
+    a = integer_weight(layer.qweight, layer.zero, layer.bits, layer.weight_shape, torch.float64, layer.group_scale,
+                       layer.group_size)
     s_out = layer.s_out[e].double()
     s_in = layer.s_in[e].double()
     if a.ndim == 2:
@@ -229,3 +230,19 @@ def test_slicing_large_weights_by_output_channel_changes_nothing(make, monkeypat
     whole, sliced = run(2**22), run(100)  # 100 elements: several output channels per slice at most
     for a, b in zip(whole, sliced):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_layers_compute_on_the_input_device_when_their_tensors_live_elsewhere():
+    """A host that offloads a layer leaves its tensors on another device than the input (ComfyUI's low-VRAM
+    mode): the layer moves them for the call, on CPU to the meta device here, and its own stay put."""
+    for layer, x in ((make_linear(4, 1, True), torch.empty(3, 37, device="meta")),
+                     (make_conv(4, 1, True, kernel_size=3), torch.empty(2, 6, 9, 9, device="meta"))):
+        y = layer(x)
+        assert y.device.type == "meta"
+        assert layer.qweight.device.type == "cpu" and layer.s_out.device.type == "cpu"
+
+
+def test_from_float_builds_the_layer_on_the_device_asked_for():
+    float_layer = nn.Linear(8, 4)
+    q = QuantLinear.from_float(float_layer, bits=8, experts=1, device="meta")
+    assert {t.device.type for t in q.state_dict().values()} == {"meta"}

@@ -96,10 +96,10 @@ def test_quantize_then_routed_sampler_makes_an_image_and_uses_every_expert(comfy
     assert re.search(r"quantized \d+ layers", text_of(entry, report))
     summary = text_of(entry, routing)
     assert "experts used: [0, 1, 2, 3]; unused: []" in summary, summary
-    calls = re.findall(r"t=(\d+)(?:, \d+)* -> expert (\d)", summary)
+    calls = re.findall(r"t=(\d+\.\d)(?:, \d+\.\d)* -> expert (\d)", summary)
     assert len(calls) == STEPS
     for t, e in calls:  # each step's expert is the uniform interval of its timestep
-        assert int(e) == min(int(t) * 4 // 1000, 3)
+        assert int(e) == min(int(float(t) * 4 // 1000), 3)
 
 
 def test_stock_samplers_route_like_the_expert_routed_sampler(comfy_server, ckpt):
@@ -219,7 +219,7 @@ def test_bad_inputs_fail_with_a_message_on_the_node(comfy_server, ckpt):
     msg = error_of(comfy_server, load_scales_graph("bad/w8.safetensors", bits="4", experts=4))
     assert "W8 model, but this model is W4" in msg
 
-    scales_dir = comfy_server.models_dir / "tuneqdm" / "bad"
+    scales_dir = comfy_server.models_dir / "tuneqdm" / "scales" / "bad"
     data = bytearray((scales_dir / "w8.safetensors").read_bytes())
     data[-2] ^= 0xFF
     (scales_dir / "corrupt.safetensors").write_bytes(bytes(data))
@@ -262,4 +262,6 @@ def test_full_size_sd15_unet_loads_through_the_stock_loader_and_quantizes(comfy_
     assert m, text
     assert int(m[1]) == 282  # every Linear and Conv2d of SD1.5
     after = int(m[4].replace(",", ""))
-    assert after <= 0.14 * 4 * SD15_UNET_PARAMS, text  # W4 against float32 bytes; the time is benchmarked
+    # The default W4 (groups of 32: an fp16 step and a 4-bit zero point per group) against issue 17's limit, 0.30x
+    # the fp16 bytes (0.15x float32); per-channel W4 is 0.129x. The time is benchmarked.
+    assert after <= 0.30 * 2 * SD15_UNET_PARAMS, text

@@ -161,3 +161,56 @@ def test_checkpointed_blocks_on_the_cpu_hand_freed_heap_back_each_time_they_run(
     train_scales(model, scales_of(model), [SampleSet(torch.randn(1, 3, 8, 8), 0)], make_loss(model),
                  TrainConfig(steps=2, checkpointing=True))
     assert len(calls) == 2 * 4 * 2  # steps x blocks (t_embed, two convs, out) x (forward, recompute)
+
+
+def recording_loss(model, calls):
+    good = make_loss(model)
+
+    def loss_fn(x0, t, cond):
+        calls.append((tuple(x0.shape), cond, len(t)))
+        return good(x0, t, cond)
+    return loss_fn
+
+
+def test_gradient_accumulation_sums_batches_into_one_step():
+    model = quantized_denoiser(TuneQDMConfig(bits=4, experts=2))
+    calls, steps = [], []
+    result = train_scales(model, scales_of(model), [SampleSet(torch.randn(4, 3, 8, 8), 0)], recording_loss(model, calls),
+                          TrainConfig(steps=3, batch_size=2, grad_accumulation_steps=3, checkpointing=False),
+                          on_step=lambda s, l: steps.append(s))
+    assert steps == [1, 2, 3] and len(result.losses) == 3
+    assert sum(n for _, _, n in calls) == 3 * 2 * 3
+    assert [sum(1 for s, _, _ in result.history if s == step) for step in (1, 2, 3)] == [6, 6, 6]
+
+
+def test_images_of_two_sizes_with_a_caption_each_are_one_subject():
+    model = quantized_denoiser(TuneQDMConfig(bits=4, experts=2))
+    calls = []
+    small = SampleSet(torch.randn(3, 3, 8, 8), (0, 1, 2), subject=0)
+    large = SampleSet(torch.randn(2, 3, 12, 12), (3, 4), subject=0)
+    train_scales(model, scales_of(model), [small, large], recording_loss(model, calls),
+                 TrainConfig(steps=20, batch_size=4, checkpointing=False))
+    sizes = {shape[-1] for shape, _, _ in calls}
+    assert sizes == {8, 12}, "a step's samples come from both sizes of the one subject"
+    assert {cond for _, cond, _ in calls} == {0, 1, 2, 3, 4}
+    assert all((shape[-1] == 8) == (cond < 3) for shape, cond, _ in calls), "each image keeps its own caption"
+    assert sum(n for _, _, n in calls) == 20 * 4
+
+
+def test_resume_takes_the_remaining_steps_from_the_given_scales():
+    model = quantized_denoiser(TuneQDMConfig(bits=4, experts=2))
+    data = [SampleSet(torch.randn(1, 3, 8, 8), 0)]
+    calls = []
+    first = train_scales(model, scales_of(model), data, make_loss(model),
+                         TrainConfig(steps=10, lr_s_out=1e-3, checkpointing=False), should_stop=lambda: len(calls) >= 4,
+                         on_step=lambda s, l: calls.append(s))
+    assert first.partial and first.steps_done == 4
+    steps = []
+    resumed = train_scales(model, first.scales, data, make_loss(model), TrainConfig(steps=10, lr_s_out=1e-3,
+                           checkpointing=False), on_step=lambda s, l: steps.append(s), start_step=4)
+    assert steps == list(range(5, 11)) and resumed.steps_done == 10 and not resumed.partial
+    assert min(s for s, _, _ in resumed.history) == 5
+    k = next(iter(first.scales.tensors))
+    assert not torch.equal(resumed.scales.tensors[k][0], first.scales.tensors[k][0])
+    with pytest.raises(ValueError, match="more than the 10 already done"):
+        train_scales(model, resumed.scales, data, make_loss(model), TrainConfig(steps=10), start_step=10)

@@ -231,7 +231,9 @@ def test_graphs_the_ui_format_cannot_hold_are_refused(object_info: dict[str, Any
 
 
 def _template(name: str) -> dict[str, Any] | None:
-    for package in ("comfyui_workflow_templates_media_other", "comfyui_workflow_templates"):
+    # Where default.json lives moved between template package versions (0.3.75 and 0.8.0 pin different ones).
+    for package in ("comfyui_workflow_templates_media_image", "comfyui_workflow_templates_media_other",
+                    "comfyui_workflow_templates"):
         try:
             spec = importlib.util.find_spec(package)
         except (ImportError, ValueError):

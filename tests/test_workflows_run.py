@@ -35,8 +35,8 @@ def test_every_api_workflow_is_exercised_here():
 
 def test_quantize_then_load_workflows_give_the_same_image(comfy_server, ckpt):
     first = comfy_server.run(load_for_test("quantize_and_sample", ckpt), check=True)
-    assert (comfy_server.models_dir / "tuneqdm" / "tuneqdm_unet.safetensors").is_file()
-    assert (comfy_server.models_dir / "tuneqdm" / "tuneqdm_scales.safetensors").is_file()
+    assert (comfy_server.models_dir / "tuneqdm" / "unet" / "tuneqdm_unet.safetensors").is_file()
+    assert (comfy_server.models_dir / "tuneqdm" / "scales" / "tuneqdm_scales.safetensors").is_file()
     second = comfy_server.run(load_for_test("load_quantized_and_scales", ckpt), check=True)
     (a,), (b,) = images(comfy_server, first), images(comfy_server, second)
     assert a.std() > 0
@@ -56,7 +56,7 @@ def test_train_subject_workflow(comfy_server, ckpt):
         Image.fromarray(rng.integers(0, 255, (96, 80, 3), dtype=np.uint8)).save(comfy_server.input_dir / f"subject_{i}.png")
     entry = comfy_server.run(load_for_test("train_subject", ckpt), timeout=900, check=True)
     assert len(images(comfy_server, entry)) == 2  # the loss curve and the sample
-    assert (comfy_server.models_dir / "tuneqdm" / "tuneqdm_subject_scales.safetensors").is_file()
+    assert (comfy_server.models_dir / "tuneqdm" / "scales" / "tuneqdm_subject_scales.safetensors").is_file()
 
 
 def test_default_model_demo_workflow(comfy_server):
@@ -67,4 +67,4 @@ def test_default_model_demo_workflow(comfy_server):
         for prompt in ("sks", "three", "seven"):
             assert sum(n.startswith(f"{model}_{prompt}_") for n in names) == 8
     assert any(n.startswith("loss_curve") for n in names)
-    assert (comfy_server.models_dir / "tuneqdm" / "tuneqdm_demo_digits_scales.safetensors").is_file()
+    assert (comfy_server.models_dir / "tuneqdm" / "scales" / "tuneqdm_demo_digits_scales.safetensors").is_file()

@@ -7,14 +7,16 @@
   scales, biases, norms...) plus the layer specs, so the float model never has to be loaded again.
 
 Both carry metadata (format, version, bits, experts, fingerprint of the quantized base model, layer
-names and shapes) and a sha256 of their tensor bytes, so truncation and corruption are reported as
-such rather than surfacing as odd numbers.
+names and shapes) and a sha256, so truncation and corruption are reported as such rather than
+surfacing as odd numbers. Version 2 hashes the metadata too (a changed layer list or bit width is
+corruption, not a different model); version 1 files, whose sha256 covers the tensors only, still load.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,10 +27,17 @@ from torch import nn
 
 from .config import TuneQDMConfig
 from .errors import FileFormatError, ModelMismatchError
-from .model import build_quantized_skeleton, fingerprint, layer_spec, model_config, quantized_layers
+from .model import (build_quantized_skeleton, file_state_dict, fingerprint, layer_spec, model_config,
+                    quantized_layers, specs_grouped)
 from .scales import ScaleSet, check_compatible
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "1"  # sha256 over the tensors only: the embedded default model's files (digits/files.py)
+METADATA_HASH_VERSION = "2"  # sha256 over tensors and metadata: what scales and quantized-model files are written in
+GROUPED_VERSION = "3"  # as 2, and layers may be group-wise (a `group_size` in their spec): older readers refuse it
+READABLE_VERSIONS = (FORMAT_VERSION, METADATA_HASH_VERSION, GROUPED_VERSION)
+SHA_KEY = "tuneqdm.sha256"
+INFO_PREFIX = "tuneqdm.train."  # ScaleSet.info entries (training provenance) in a scales file
+MAX_NAME_BYTES = 255  # the longest file name the usual file systems (ext4, APFS, NTFS) accept
 SCALES_FORMAT = "tuneqdm-scales"
 MODEL_FORMAT = "tuneqdm-quantized-model"
 
@@ -44,12 +53,16 @@ class FileHeader:
     metadata: dict[str, str]
 
 
-def digest(tensors: dict[str, torch.Tensor]) -> str:
+def digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
+    """sha256 of the tensors and, from format version 2 on, of every metadata entry but the hash itself."""
     h = hashlib.sha256()
     for key in sorted(tensors):
         t = tensors[key].detach().contiguous().cpu()
         h.update(key.encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy())
+    if metadata is not None:
+        entries = sorted((k, v) for k, v in metadata.items() if k != SHA_KEY)
+        h.update(json.dumps(entries, separators=(",", ":")).encode())
     return h.hexdigest()
 
 
@@ -57,8 +70,14 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metad
     """Write next to the target, fsync, then rename: a crash or an interrupt never leaves a half file
     under the real name, and an existing file is replaced only by a complete one."""
     path = Path(path)
+    if len(path.name.encode()) > MAX_NAME_BYTES:
+        raise ValueError(f"file name too long: {len(path.name.encode())} bytes, at most {MAX_NAME_BYTES}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # A short temporary name of its own: one derived from the target's would pass the file-name limit
+    # for legal target names near it.
+    fd, tmp_name = tempfile.mkstemp(prefix=".tuneqdm-", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
         with open(tmp, "rb+") as f:
@@ -86,11 +105,24 @@ def read_verified(path: str | os.PathLike, expected_format: str) -> tuple[dict[s
         raise FileFormatError(f"{path.name}: a safetensors file, but not a TuneQDM file (no tuneqdm.format metadata)")
     if fmt != expected_format:
         raise FileFormatError(f"{path.name}: is a {fmt} file, expected a {expected_format} file")
-    if meta.get("tuneqdm.version") != FORMAT_VERSION:
-        raise FileFormatError(f"{path.name}: format version {meta.get('tuneqdm.version')}, this pack reads {FORMAT_VERSION}")
-    if digest(tensors) != meta.get("tuneqdm.sha256"):
-        raise FileFormatError(f"{path.name}: corrupted (sha256 of its tensors does not match the one recorded in it)")
+    version = meta.get("tuneqdm.version")
+    if version not in READABLE_VERSIONS:
+        raise FileFormatError(f"{path.name}: format version {version}, this pack reads {', '.join(READABLE_VERSIONS)}")
+    expected = digest(tensors) if version == "1" else digest(tensors, meta)
+    if expected != meta.get(SHA_KEY):
+        covered = "its tensors" if version == "1" else "its tensors and metadata"
+        raise FileFormatError(f"{path.name}: corrupted (sha256 of {covered} does not match the one recorded in it)")
     return meta, tensors
+
+
+def file_format(path: str | os.PathLike) -> str | None:
+    """The tuneqdm.format recorded in a file's header (tensors are not read), None when there is none or
+    the file cannot be parsed: enough to sort files into lists, not to trust them."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("tuneqdm.format")
+    except Exception:  # any parse failure means "not known to be ours"
+        return None
 
 
 def _read(path: str | os.PathLike, expected_format: str) -> tuple[FileHeader, dict[str, torch.Tensor]]:
@@ -110,11 +142,12 @@ def _metadata(fmt: str, cfg: TuneQDMConfig, fp: str, layers: dict, tensors: dict
               extra: dict[str, str] | None) -> dict[str, str]:
     meta = dict(extra or {})
     meta.update({
-        "tuneqdm.format": fmt, "tuneqdm.version": FORMAT_VERSION, "tuneqdm.bits": str(cfg.bits),
+        "tuneqdm.format": fmt, "tuneqdm.bits": str(cfg.bits),
+        "tuneqdm.version": GROUPED_VERSION if fmt == MODEL_FORMAT and specs_grouped(layers) else METADATA_HASH_VERSION,
         "tuneqdm.experts": str(cfg.experts), "tuneqdm.train_s_in": "1" if cfg.train_s_in else "0",
         "tuneqdm.fingerprint": fp, "tuneqdm.layers": json.dumps(layers, separators=(",", ":")),
-        "tuneqdm.sha256": digest(tensors),
     })
+    meta[SHA_KEY] = digest(tensors, meta)
     return meta
 
 
@@ -132,7 +165,9 @@ def save_scales(path: str | os.PathLike, scales: ScaleSet, module: nn.Module,
         tensors[f"{name}.s_in"] = (s_in.detach().float() - 1.0).half()
     shapes = {name: [o.shape[1], i.shape[1]] for name, (o, i) in scales.tensors.items()}
     cfg = model_config(module)
-    atomic_save(tensors, path, _metadata(SCALES_FORMAT, cfg, scales.fingerprint, shapes, tensors, extra_metadata))
+    extra = {INFO_PREFIX + k: str(v) for k, v in scales.info.items()}
+    extra.update(extra_metadata or {})
+    atomic_save(tensors, path, _metadata(SCALES_FORMAT, cfg, scales.fingerprint, shapes, tensors, extra))
 
 
 def load_scales(path: str | os.PathLike, module: nn.Module) -> ScaleSet:
@@ -152,7 +187,8 @@ def load_scales(path: str | os.PathLike, module: nn.Module) -> ScaleSet:
         d_out, d_in = tensors[f"{layer_name}.s_out"], tensors[f"{layer_name}.s_in"]
         base = m.base_scale.detach().float().cpu()
         out[layer_name] = (d_out.float() + base, d_in.float() + 1.0)
-    scales = ScaleSet(out, header.bits, header.experts, header.fingerprint)
+    info = {k[len(INFO_PREFIX):]: v for k, v in header.metadata.items() if k.startswith(INFO_PREFIX)}
+    scales = ScaleSet(out, header.bits, header.experts, header.fingerprint, info)
     check_compatible(scales, module, source=name)  # bits, experts, layers, base model: first mismatch
     return scales.to(next(m.s_out.device for m in layers.values()))
 
@@ -163,7 +199,7 @@ def save_quantized_model(path: str | os.PathLike, module: nn.Module,
                          extra_metadata: dict[str, str] | None = None) -> None:
     """Save a whole quantized model (state dict + layer specs), so it loads without the float model."""
     cfg = model_config(module)
-    tensors = dict(module.state_dict())
+    tensors = file_state_dict(module)
     layers = {name: layer_spec(m) for name, m in quantized_layers(module)}
     atomic_save(tensors, path, _metadata(MODEL_FORMAT, cfg, fingerprint(module), layers, tensors, extra_metadata))
 
@@ -191,7 +227,7 @@ def load_into_skeleton(skeleton: nn.Module, header: FileHeader, tensors: dict[st
         build_quantized_skeleton(skeleton, header.layers, header_config(header))
     except ModelMismatchError as e:
         raise ModelMismatchError(f"{source}: {e}") from None
-    own = skeleton.state_dict(keep_vars=True)
+    own = file_state_dict(skeleton)
     missing = [k for k in own if k not in tensors]
     unexpected = [k for k in tensors if k not in own]
     if missing or unexpected:

@@ -1,6 +1,7 @@
 """Separable quantized Linear and Conv2d: the torch reference path, and the one backend dispatcher.
 
-For expert e and integer weight A = Q - z the layer computes
+For expert e and integer weight A = Q - z (group-wise: A = S * (Q - z), frozen steps S per group of
+the input dimension, see quant.py) the layer computes
 
     y = s_out[e] * f(x * s_in[e], A) + b
 
@@ -62,17 +63,28 @@ SLICE_ELEMENTS = 2**20  # at most 4 MiB of fp32 A at a time: smaller and faster 
 
 @dataclass(frozen=True)
 class PackedWeight:
-    """Everything needed to rebuild A = Q - z of one layer (references, not copies)."""
+    """Everything needed to rebuild A of one layer (references, not copies): A = Q - z per output
+    channel (group_size 0), or A = S * (Q - z) with a step S and zero z per group of `group_size`
+    input values (quant.py); in both cases the layer's weight is diag(s_out) A diag(s_in)."""
 
     packed: torch.Tensor
     zero: torch.Tensor
     bits: int
     shape: tuple[int, ...]
+    group_scale: torch.Tensor | None = None
+    group_size: int = 0
 
     def rows(self, sl: slice) -> "PackedWeight":
         """The output channels `sl` (codes are stored per output channel: a view, no copy)."""
         n = len(range(*sl.indices(self.shape[0])))
-        return PackedWeight(self.packed[sl], self.zero[sl], self.bits, (n, *self.shape[1:]))
+        gs = None if self.group_scale is None else self.group_scale[sl]
+        return PackedWeight(self.packed[sl], self.zero[sl], self.bits, (n, *self.shape[1:]), gs, self.group_size)
+
+    def to(self, device) -> "PackedWeight":
+        """The same weight on `device` (tensors already there are kept)."""
+        def mv(t):
+            return t if t is None or t.device == device else t.to(device, non_blocking=True)
+        return PackedWeight(mv(self.packed), mv(self.zero), self.bits, self.shape, mv(self.group_scale), self.group_size)
 
     def row_slices(self, groups: int = 1) -> list[slice]:
         """Output-channel slices whose float A stays under SLICE_ELEMENTS, so that a large layer's
@@ -86,9 +98,12 @@ class PackedWeight:
         return [slice(i, min(i + step, out)) for i in range(0, out, step)]
 
     def integers(self, dtype: torch.dtype, backend: str = "torch") -> torch.Tensor:
+        """A as `dtype` in the weight's shape (built per call; the name stays from the per-channel form)."""
         if backend == "triton":
-            return _require_kernels().dequantize_codes(self.packed, self.zero, self.bits, self.shape, dtype)
-        return integer_weight(self.packed, self.zero, self.bits, self.shape, dtype)
+            return _require_kernels().dequantize_codes(self.packed, self.zero, self.bits, self.shape, dtype,
+                                                       self.group_scale, self.group_size)
+        return integer_weight(self.packed, self.zero, self.bits, self.shape, dtype, self.group_scale,
+                              self.group_size)
 
 
 @dataclass(frozen=True)

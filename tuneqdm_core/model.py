@@ -1,8 +1,9 @@
 """Swapping a model's Linear/Conv2d layers for quantized ones, and reading a quantized model back.
 
-`quantize_model` works in place on the module it is given; `structural_copy` gives a module tree of
-its own whose float tensors are still shared, so a caller that must not touch its input (a ComfyUI
-node) quantizes the copy, and the copy never holds the float weights it replaced.
+`quantize_model` works in place on the module it is given. A caller that must not touch its input (a
+ComfyUI node) quantizes a `structural_copy` (a module tree of its own whose tensors are still shared;
+the copy never holds the float weights it replaced) and then calls `own_tensors`, so that the
+quantized model shares no tensor with the float one.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from torch import nn
 
 from .config import TuneQDMConfig
 from .errors import ModelMismatchError
-from .layers import QuantConv2d, QuantLayer, QuantLinear
+from .layers import PLACEHOLDER, QuantConv2d, QuantLayer, QuantLinear
 from .routing import ExpertRouter
 
 ROUTER_ATTR = "tuneqdm_router"
@@ -32,20 +33,37 @@ class QuantReport:
     bytes_before: int = 0
     bytes_after: int = 0
     seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         ratio = self.bytes_after / self.bytes_before if self.bytes_before else float("nan")
         lines = [f"TuneQDM: quantized {len(self.converted)} layers in {self.seconds:.2f} s; weights "
                  f"{self.bytes_before:,} B -> {self.bytes_after:,} B ({ratio:.4f}x)"]
+        lines += [f"  {note}" for note in self.notes]
         lines += [f"  kept in float: {name} ({why})" for name, why in self.skipped]
         return "\n".join(lines)
 
 
+LayerKind = Callable[[nn.Module], "str | None"]
+"""module -> 'linear', 'conv2d' or None: which layers computing a linear map or a 2-D convolution
+`quantize_model` converts. Hosts with their own layer classes (ComfyUI's op classes that are not
+nn.Linear subclasses) pass their own."""
+
+WeightOf = Callable[[str, nn.Module], torch.Tensor]
+"""(layer name, layer) -> the float weight to quantize, e.g. unpatched with a LoRA merged in."""
+
+
 def tensor_bytes(module: nn.Module) -> int:
-    """Bytes of all parameters and buffers, each storage counted once."""
+    """Bytes of all parameters and buffers, each storage counted once. Tensor subclasses without a
+    plain storage (e.g. a host's fp8 wrapper tensors) count by their own numel * element_size."""
     seen, total = set(), 0
     for t in list(module.parameters()) + list(module.buffers()):
-        key = (t.untyped_storage().data_ptr(), t.device) if t.device.type != "meta" else id(t)
+        key: object = id(t)
+        if t.device.type != "meta":
+            try:
+                key = (t.untyped_storage().data_ptr(), t.device)
+            except (RuntimeError, NotImplementedError, TypeError):
+                pass
         if key not in seen:
             seen.add(key)
             total += t.numel() * t.element_size()
@@ -63,13 +81,34 @@ def structural_copy(module: nn.Module) -> nn.Module:
     return new
 
 
-def _is_linear(m: nn.Module) -> bool:
-    # Matched by class ancestry so ComfyUI's comfy.ops subclasses count without importing ComfyUI.
-    return isinstance(m, nn.Linear) and not isinstance(m, QuantLayer)
+def own_tensors(module: nn.Module, original: Callable[[str], "torch.Tensor | None"],
+                device: torch.device | str) -> None:
+    """Replace every parameter and buffer of `module` that `original(key)` knows (keys as in
+    `state_dict`, non-persistent buffers included) with a private copy of what it returns, on
+    `device`; tensors it does not know, or knows in another shape (those made by quantization), are
+    kept. After a `structural_copy` and `quantize_model`, this leaves a model that shares no tensor
+    with its source, so moving or patching one never moves or patches the other."""
+    for prefix, m in module.named_modules():
+        for store in (m._parameters, m._buffers):
+            for name, t in list(store.items()):
+                if t is None:
+                    continue
+                src = original(f"{prefix}.{name}" if prefix else name)
+                if src is None or src.shape != t.shape:
+                    continue  # made by quantization (a float layer's weight is no quantized layer's)
+                copy_ = src.detach().to(device=device, copy=True)
+                store[name] = nn.Parameter(copy_, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else copy_
 
 
-def _is_conv2d(m: nn.Module) -> bool:
-    return isinstance(m, nn.Conv2d) and not isinstance(m, QuantLayer)
+def torch_layer_kind(m: nn.Module) -> str | None:
+    """The plain torch rule; subclasses (ComfyUI's comfy.ops classes among them) count."""
+    if isinstance(m, QuantLayer):
+        return None
+    if isinstance(m, nn.Linear):
+        return "linear"
+    if isinstance(m, nn.Conv2d):
+        return "conv2d"
+    return None
 
 
 def _skip_reason(name: str, m: nn.Module, config: TuneQDMConfig) -> str | None:
@@ -78,26 +117,36 @@ def _skip_reason(name: str, m: nn.Module, config: TuneQDMConfig) -> str | None:
     w = getattr(m, "weight", None)
     if not isinstance(w, torch.Tensor) or w.device.type == "meta":
         return "no materialised weight"
-    if not w.is_floating_point():
+    if not w.dtype.is_floating_point:
         return f"weight dtype {w.dtype} is not float"
-    if isinstance(m, nn.Conv2d) and isinstance(m.padding, str):
+    if isinstance(getattr(m, "padding", None), str):
         return f"string padding {m.padding!r}"
+    return None
+
+
+def _unquantized_reason(m: nn.Module) -> str | None:
+    """Why a weight layer that is not converted stays float (listed in the report, never silent)."""
+    if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear, nn.Bilinear)):
+        return f"{type(m).__name__}: only Linear and Conv2d have a quantized form"
     return None
 
 
 def quantize_model(module: nn.Module, config: TuneQDMConfig, *, compute_device: torch.device | None = None,
                    progress: Callable[[int, int], None] | None = None,
-                   weight_init: Callable[[nn.Module], None] | None = None,
-                   weight_transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> QuantReport:
+                   weight_init: Callable[[str, nn.Module], None] | None = None,
+                   weight_of: WeightOf | None = None, layer_kind: LayerKind = torch_layer_kind,
+                   device: torch.device | str | None = None) -> QuantReport:
     """Replace every Linear and Conv2d under `module` (in place) with its quantized counterpart.
 
     `progress(done, total)` is called after each layer; it may raise to abort (an interrupt), in which
     case the module is left half converted, so callers abort only on copies they own.
-    `weight_init(layer)`: for a model built on the meta device, each layer gets real (CPU) storage
+    `weight_init(name, layer)`: for a model built on the meta device, each layer gets real (CPU) storage
     just before it is quantized and this fills it; so a model too large to hold in float is quantized
     one float layer at a time.
-    `weight_transform(name, weight)` returns the weight to quantize in place of the layer's own (e.g.
-    with a LoRA merged in); it runs one layer at a time, so at most one extra float weight exists.
+    `weight_of(name, layer)` returns the float weight to quantize in place of the layer's own (e.g.
+    unpatched, dequantized from fp8, with a LoRA merged in); it runs one layer at a time, so at most one
+    extra float weight exists. `layer_kind` says which layers are converted. The quantized layers are
+    built on `device` (default: where each float weight lives).
     """
     if is_quantized(module):
         raise ValueError("this model is already TuneQDM-quantized; quantize the float model instead")
@@ -106,22 +155,28 @@ def quantize_model(module: nn.Module, config: TuneQDMConfig, *, compute_device: 
     router = ExpertRouter(config.experts)
     generator = torch.Generator().manual_seed(config.seed)
     # Names, not modules: a materialised float layer must be freed as soon as it is swapped out.
-    targets = [n for n, m in module.named_modules() if _is_linear(m) or _is_conv2d(m)]
+    targets = []
+    for n, m in module.named_modules():
+        if layer_kind(m) is not None:
+            targets.append(n)
+        elif not isinstance(m, QuantLayer) and (why := _unquantized_reason(m)) is not None:
+            report.skipped.append((n, why))
     for i, name in enumerate(targets):
         m = module.get_submodule(name)
         if weight_init is not None and m.weight.device.type == "meta":
             m = m.to_empty(device="cpu")
             with torch.no_grad():
-                weight_init(m)
+                weight_init(name, m)
         why = _skip_reason(name, m, config)
         if why is not None:
             report.skipped.append((name, why))
         else:
-            cls = QuantLinear if _is_linear(m) else QuantConv2d
-            weight = m.weight if weight_transform is None else weight_transform(name, m.weight)
+            cls = QuantLinear if layer_kind(m) == "linear" else QuantConv2d
+            weight = m.weight if weight_of is None else weight_of(name, m)
             q = cls.from_float(m, bits=config.bits, experts=config.experts, train_s_in=config.train_s_in,
                                s_in_init=config.s_in_init, s_in_sigma=config.s_in_sigma, generator=generator,
-                               compute_device=compute_device, weight=weight)
+                               compute_device=compute_device, weight=weight, device=device,
+                               group_size=config.group_size, minimize=config.minimize_error)
             del weight
             _attach(q, name, router)
             _set_child(module, name, q)
@@ -158,6 +213,13 @@ def _set_child(root: nn.Module, name: str, child: nn.Module) -> None:
     setattr(parent, leaf, child)
 
 
+def file_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict a file stores: without the quantized layers' empty weight placeholders."""
+    placeholders = {f"{prefix}.{PLACEHOLDER}" if prefix else PLACEHOLDER
+                    for prefix, m in module.named_modules() if isinstance(m, QuantLayer)}
+    return {k: v for k, v in module.state_dict().items() if k not in placeholders}
+
+
 def quantized_layers(module: nn.Module) -> Iterator[tuple[str, QuantLayer]]:
     for _, m in module.named_modules():
         if isinstance(m, QuantLayer):
@@ -181,17 +243,22 @@ def model_config(module: nn.Module) -> TuneQDMConfig:
     if not layers:
         raise TypeError("this model is not TuneQDM-quantized (no quantized layers were found)")
     first = layers[0]
-    return TuneQDMConfig(bits=first.bits, experts=first.num_experts, train_s_in=first.s_in.requires_grad)
+    return TuneQDMConfig(bits=first.bits, experts=first.num_experts, train_s_in=first.s_in.requires_grad,
+                         group_size=first.group_size)
 
 
 def fingerprint(module: nn.Module) -> str:
     """Identifies the quantized base model: layer names, shapes, bits and the per-channel steps and
-    zero points, which depend on every channel's min and max. Cheap (no pass over the weights)."""
+    zero points, which depend on every channel's min and max, and the group steps of group-wise layers
+    (per-channel layers hash exactly as before groups existed). Cheap (no pass over the weights)."""
     h = hashlib.sha256()
     for name, m in quantized_layers(module):
         h.update(f"{name}|{m.weight_shape}|{m.bits};".encode())
         h.update(m.base_scale.detach().cpu().float().numpy().tobytes())
         h.update(m.zero.detach().cpu().numpy().tobytes())
+        if m.group_size:
+            h.update(f"|g{m.group_size}".encode())
+            h.update(m.group_scale.detach().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -207,7 +274,7 @@ def build_quantized_skeleton(module: nn.Module, layers: dict[str, dict], config:
             raise ModelMismatchError(f"does not fit this architecture: it has no layer {name!r}") from None
         have = (type(existing).__name__, _channels(existing))
         want = ("Linear" if spec["kind"] == "linear" else "Conv2d", (spec["in"], spec["out"]))
-        if not (_is_linear(existing) or _is_conv2d(existing)) or have[1] != want[1]:
+        if torch_layer_kind(existing) is None or have[1] != want[1]:
             raise ModelMismatchError(f"does not fit this architecture: layer {name!r} is {want[0]} "
                                      f"{want[1][0]}->{want[1][1]} in the file, {have[0]} {have[1]} here")
         q = make_empty_layer(spec, config)
@@ -227,15 +294,27 @@ def _channels(m: nn.Module) -> tuple[int, int] | None:
 def layer_spec(layer: QuantLayer) -> dict:
     """What it takes to rebuild an empty layer of this shape (stored in quantized-model files)."""
     if isinstance(layer, QuantLinear):
-        return {"kind": "linear", "in": layer.in_features, "out": layer.out_features, "bias": layer.bias is not None}
-    return {"kind": "conv2d", "in": layer.in_channels, "out": layer.out_channels,
-            "kernel": list(layer.kernel_size), "stride": list(layer.stride), "padding": list(layer.padding),
-            "dilation": list(layer.dilation), "groups": layer.groups, "padding_mode": layer.padding_mode,
-            "bias": layer.bias is not None}
+        spec = {"kind": "linear", "in": layer.in_features, "out": layer.out_features, "bias": layer.bias is not None}
+    else:
+        spec = {"kind": "conv2d", "in": layer.in_channels, "out": layer.out_channels,
+                "kernel": list(layer.kernel_size), "stride": list(layer.stride), "padding": list(layer.padding),
+                "dilation": list(layer.dilation), "groups": layer.groups, "padding_mode": layer.padding_mode,
+                "bias": layer.bias is not None}
+    if layer.group_size:  # per-channel specs stay as they were (files without the key are per-channel)
+        spec["group_size"] = layer.group_size
+    return spec
+
+
+def specs_grouped(layers: dict[str, dict]) -> bool:
+    """Whether any layer spec of a file is group-wise (such files need a reader that knows groups)."""
+    return any(spec.get("group_size", 0) for spec in layers.values())
 
 
 def make_empty_layer(spec: dict, config: TuneQDMConfig, device=None) -> QuantLayer:
-    common = dict(bits=config.bits, experts=config.experts, train_s_in=config.train_s_in, device=device)
+    """An empty layer for `spec`; its group size is the spec's (absent: per channel, the files written
+    before groups existed), never the config's."""
+    common = dict(bits=config.bits, experts=config.experts, train_s_in=config.train_s_in, device=device,
+                  group_size=int(spec.get("group_size", 0)))
     if spec["kind"] == "linear":
         return QuantLinear(spec["in"], spec["out"], spec["bias"], **common)
     return QuantConv2d(spec["in"], spec["out"], tuple(spec["kernel"]), tuple(spec["stride"]),

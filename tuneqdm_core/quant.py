@@ -1,8 +1,19 @@
-"""Weight quantization primitives: per-output-channel asymmetric round-to-nearest, and bit packing.
+"""Weight quantization primitives: asymmetric quantization per output channel or per group of the
+input dimension, data-free error minimization of the group steps, and bit packing.
 
 A weight of any rank is viewed as (out_channels, K) with K = prod(other dims). Values with up to 4 bits
 are packed two per byte along K (low nibble first), which is what makes W4 half the size of W8;
 5..8 bits take one byte each.
+
+Group-wise (`group_size` g > 0): K is cut into ceil(K / g) groups of g consecutive values (for a conv
+weight (out, in, kh, kw) that is the flattened in*kh*kw order, as GGUF's blocks); a K that g does not
+divide leaves a shorter last group. Each group has its own step and zero point:
+
+    W[n, k] = s0[n] * S[n, k // g] * (Q[n, k] - z[n, k // g])
+
+s0 (`scale`, float32 per output channel) is the largest group step of the channel, the init of the
+trainable s_out; S (`group_scale`, float16, in (0, 1]) the group's step relative to it; z (uint8) a
+code. Per-channel (g = 0) is the original form: S = 1 and one z per channel.
 """
 from __future__ import annotations
 
@@ -11,6 +22,27 @@ from dataclasses import dataclass
 import torch
 
 SUPPORTED_BITS = range(2, 9)
+GROUP_SIZES = (32, 64, 128)  # the sizes the nodes offer; any integer MIN_GROUP..MAX_GROUP is accepted here
+MIN_GROUP, MAX_GROUP = 8, 4096
+REFINE_ITERATIONS = 2  # least-squares refits of each group's step and zero (measured: 2 get most of 6)
+
+
+def check_group_size(group_size) -> int:
+    """0 (per output channel) or an integer group size MIN_GROUP..MAX_GROUP; anything else is refused."""
+    if isinstance(group_size, bool) or not isinstance(group_size, (int,)) and not (
+            isinstance(group_size, float) and group_size.is_integer()):
+        raise ValueError(f"group_size must be 0 (per output channel) or an integer from {MIN_GROUP} to "
+                         f"{MAX_GROUP}, got {group_size!r}")
+    g = int(group_size)
+    if g != 0 and not MIN_GROUP <= g <= MAX_GROUP:
+        raise ValueError(f"group_size must be 0 (per output channel) or an integer from {MIN_GROUP} to "
+                         f"{MAX_GROUP}, got {group_size!r}")
+    return g
+
+
+def num_groups(k: int, group_size: int) -> int:
+    """Groups per output channel: ceil(K / g), the last one shorter when g does not divide K; 1 per channel."""
+    return 1 if group_size == 0 else max(1, -(-k // group_size))
 
 
 def check_bits(bits: int) -> int:
@@ -46,14 +78,17 @@ def unpack(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
 class QuantizedWeight:
     """Packed integer codes of one weight plus what is needed to read them back.
 
-    Dequantized value: (unpack(packed) - zero) * scale, per output channel.
+    Dequantized value: scale * group_scale * (unpack(packed) - zero), per output channel (group_size 0:
+    zero (out,), no group_scale) or per group of the input dimension (zero and group_scale (out, G)).
     """
 
     packed: torch.Tensor  # uint8 (out, packed_width)
-    zero: torch.Tensor  # uint8 (out,), always a representable code because 0 is inside every range
-    scale: torch.Tensor  # float32 (out,), the base step s0
+    zero: torch.Tensor  # uint8 (out,), or per group (out, packed_width(G, bits)): packed like the codes
+    scale: torch.Tensor  # float32 (out,), the base step s0 (largest group step of the channel)
     shape: tuple[int, ...]
     bits: int
+    group_scale: torch.Tensor | None = None  # float16 (out, G) in (0, 1]: each group's step / s0
+    group_size: int = 0
 
     @property
     def k(self) -> int:
@@ -63,14 +98,20 @@ class QuantizedWeight:
         return n
 
 
-def quantize_weight(weight: torch.Tensor, bits: int) -> QuantizedWeight:
-    """Round-to-nearest asymmetric quantization per output channel.
+def quantize_weight(weight: torch.Tensor, bits: int, group_size: int = 0, minimize: bool = True) -> QuantizedWeight:
+    """Asymmetric quantization per output channel (group_size 0: round-to-nearest from min/max, as
+    always) or per group of `group_size` input values (see the module docstring).
 
     The range is widened to include 0 so that the zero point is itself a b-bit code (stored in one
     byte) and an exact zero stays exact; trained weights straddle zero, so this rarely widens a
-    channel. The dequantized value then equals scale * round(w / scale): error at most half a step.
+    channel. Per channel, the dequantized value then equals scale * round(w / scale): error at most
+    half a step. Group-wise with `minimize`, each group's step and zero start from min/max and are
+    refitted by least squares (`minimize_groups`): lower squared error, no longer a half-step bound.
     """
     check_bits(bits)
+    group_size = check_group_size(group_size)
+    if group_size:
+        return _quantize_grouped(weight, bits, group_size, minimize)
     qmax = 2**bits - 1
     w = weight.detach().reshape(weight.shape[0], -1).float()
     lo = w.amin(dim=1).clamp_(max=0.0)
@@ -89,12 +130,127 @@ def quantize_weight(weight: torch.Tensor, bits: int) -> QuantizedWeight:
     )
 
 
-def integer_weight(packed: torch.Tensor, zero: torch.Tensor, bits: int, shape: tuple[int, ...],
-                   dtype: torch.dtype) -> torch.Tensor:
-    """A = Q - z as `dtype`, in the weight's own shape.
+def minimize_groups(w: torch.Tensor, bits: int, iterations: int = REFINE_ITERATIONS
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Data-free error minimization of each group's (step, zero point), w (rows, G, g) float32.
 
-    |A| <= 255, so it is exact in fp16, bf16 and fp32. This tensor is weight-sized: callers build it
-    inside one layer's computation and drop it right after.
+    Starts from round-to-nearest on the group's min/max (range widened to include 0). Each iteration
+    takes the nearest codes for the current (step, z), fits the least-squares line through
+    (codes - z, w) (a new step and offset), moves z by the offset (rounded: z stays a code) and refits
+    the step for that integer z, all from four sums per group. A group takes the new (step, z) only
+    where its squared error with the same codes is lower; re-coding to the nearest codes can only
+    lower it further, so the error never rises above round-to-nearest's (Lloyd-style descent).
+    Returns (step (rows, G), zero (rows, G)) in float32, zero integer-valued in [0, 2^bits - 1]; the
+    step is 0 for a group of zeros (no range: any step reproduces it).
+    """
+    qmax = float(2**bits - 1)
+    n = w.shape[-1]
+    lo, hi = torch.aminmax(w, dim=-1)
+    lo.clamp_(max=0.0)
+    hi.clamp_(min=0.0)
+    step = (hi - lo) / qmax
+    step = torch.where(step > 0, step, torch.ones_like(step))
+    zero = torch.round(-lo / step).clamp_(0, qmax)
+    if iterations == 0:
+        return torch.where(hi > lo, step, 0.0), zero
+    sw = w.sum(-1)
+    q = torch.empty_like(w)
+    for _ in range(iterations):
+        torch.mul(w, (1.0 / step)[..., None], out=q)
+        q.add_(zero[..., None]).round_().clamp_(0, qmax)
+        sq = q.sum(-1)
+        sqq = torch.linalg.vecdot(q, q)
+        swq = torch.linalg.vecdot(w, q)
+        # sums of a = q - z
+        sa = sq - n * zero
+        saa = sqq - 2 * zero * sq + n * zero * zero
+        swa = swq - zero * sw
+        err = step * (step * saa - 2 * swa)  # sum (w - step a)^2 minus sum w^2
+        # least-squares line w ~ s * a + c, then z moved by -c / s (rounded) and s refitted for it
+        den = n * saa - sa * sa
+        s_ls = (n * swa - sw * sa) / den
+        c = (sw - s_ls * sa) / n
+        new_zero = (zero - torch.round(c / s_ls)).clamp_(0, qmax)
+        shift = zero - new_zero  # a' = a + shift
+        saa2 = saa + 2 * shift * sa + shift * shift * n
+        swa2 = swa + shift * sw
+        s_new = swa2 / saa2
+        new_err = s_new * (s_new * saa2 - 2 * swa2)
+        ok = (den > 0) & (saa2 > 0) & (s_new > 0) & torch.isfinite(s_new) & torch.isfinite(new_zero) & (new_err < err)
+        step = torch.where(ok, s_new, step)
+        zero = torch.where(ok, new_zero, zero)
+    return torch.where(hi > lo, step, 0.0), zero
+
+
+CHUNK_ELEMENTS = 2**20  # values quantized at a time (4 MiB temporaries): few, large ops amortise thread start-up
+
+
+def _groups_of(w: torch.Tensor, group_size: int) -> list[torch.Tensor]:
+    """(rows, K) -> views (rows, G_full, g) and, when g does not divide K, (rows, 1, K mod g)."""
+    rows, k = w.shape
+    full, tail = divmod(k, group_size)
+    parts = []
+    if full:
+        parts.append(w[:, :full * group_size].reshape(rows, full, group_size))
+    if tail:
+        parts.append(w[:, full * group_size:].reshape(rows, 1, tail))
+    return parts
+
+
+def _quantize_grouped(weight: torch.Tensor, bits: int, group_size: int, minimize: bool) -> QuantizedWeight:
+    qmax = 2**bits - 1
+    w = weight.detach().reshape(weight.shape[0], -1).float()
+    out, k = w.shape
+    groups = num_groups(k, group_size)
+    step = torch.ones(out, groups, dtype=torch.float32, device=w.device)
+    zero = torch.zeros(out, groups, dtype=torch.float32, device=w.device)
+    q = torch.zeros(out, k, dtype=torch.uint8, device=w.device)
+    rows = max(1, CHUNK_ELEMENTS // max(k, 1))
+    iterations = REFINE_ITERATIONS if minimize else 0
+    for r0 in range(0, out, rows):
+        sl = slice(r0, r0 + rows)
+        col = 0
+        for part in _groups_of(w[sl], group_size):
+            st, zr = minimize_groups(part, bits, iterations)
+            step[sl, col:col + part.shape[1]] = st
+            zero[sl, col:col + part.shape[1]] = zr
+            col += part.shape[1]
+    # An all-zero group (step 0 from minimize_groups) has no range: any step reproduces it, so it takes
+    # S = 1 and leaves s0 to the groups that have one.
+    base = step.amax(dim=1)
+    base = torch.where(base > 0, base, torch.ones_like(base))
+    # The relative steps are stored in fp16: the codes are computed with the step as stored.
+    rel = torch.where(step > 0, step / base[:, None], 1.0).clamp_(min=2.0**-24, max=1.0).half()
+    inv = 1.0 / (rel.float() * base[:, None])
+    for r0 in range(0, out, rows):
+        sl = slice(r0, r0 + rows)
+        col = 0
+        for part, dst in zip(_groups_of(w[sl], group_size), _groups_of(q[sl], group_size)):
+            g = slice(col, col + part.shape[1])
+            t = torch.mul(part, inv[sl, g][..., None]).add_(zero[sl, g][..., None]).round_().clamp_(0, qmax)
+            dst.copy_(t)
+            col += part.shape[1]
+    return QuantizedWeight(packed=pack(q, bits), zero=pack(zero, bits) if bits <= 4 else zero.to(torch.uint8),
+                           scale=base, shape=tuple(weight.shape), bits=bits, group_scale=rel, group_size=group_size)
+
+
+def group_zeros(zero: torch.Tensor, bits: int, groups: int) -> torch.Tensor:
+    """Stored group zero points -> (out, G) uint8 codes: at up to 4 bits they are packed like the codes."""
+    return unpack(zero, bits, groups) if bits <= 4 else zero
+
+
+def zero_width(groups: int, bits: int, group_size: int) -> int:
+    """Bytes of zero points per output channel in a layer's `zero` buffer (0 = the (out,) per-channel form)."""
+    return packed_width(groups, bits) if group_size else 0
+
+
+def integer_weight(packed: torch.Tensor, zero: torch.Tensor, bits: int, shape: tuple[int, ...],
+                   dtype: torch.dtype, group_scale: torch.Tensor | None = None, group_size: int = 0) -> torch.Tensor:
+    """A = Q - z as `dtype` in the weight's own shape; group-wise, A = S * (Q - z) per group.
+
+    Per channel |A| <= 255, so it is exact in fp16, bf16 and fp32; group-wise S * (Q - z) is exact in
+    fp32 and rounded once in fp16/bf16. This tensor is weight-sized: callers build it inside one
+    layer's computation and drop it right after.
     """
     k = 1
     for d in shape[1:]:
@@ -108,12 +264,24 @@ def integer_weight(packed: torch.Tensor, zero: torch.Tensor, bits: int, shape: t
         a[:, 0::2] = packed & 0xF
         a[:, 1::2] = packed >> 4
         a = a[:, :k]
-    a -= zero.to(dtype)[:, None]
+    if group_scale is None:
+        a -= zero.to(dtype).reshape(out, -1)[:, :1]
+        return a.reshape(shape)
+    zero = group_zeros(zero, bits, num_groups(k, group_size))
+    full, tail = divmod(k, group_size)
+    if full:
+        body = a[:, :full * group_size].view(out, full, group_size)
+        body -= zero[:, :full].to(dtype)[..., None]
+        body *= group_scale[:, :full].to(dtype)[..., None]
+    if tail:
+        rest = a[:, full * group_size:]
+        rest -= zero[:, full:].to(dtype)
+        rest *= group_scale[:, full:].to(dtype)
     return a.reshape(shape)
 
 
 def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The base float weight s0 * (Q - z); for tests, reports and the reference-style benchmark."""
-    a = integer_weight(qw.packed, qw.zero, qw.bits, qw.shape, torch.float32)
+    """The base float weight s0 * S * (Q - z); for tests, reports and the reference-style benchmark."""
+    a = integer_weight(qw.packed, qw.zero, qw.bits, qw.shape, torch.float32, qw.group_scale, qw.group_size)
     view = (-1,) + (1,) * (len(qw.shape) - 1)
     return (a * qw.scale.reshape(view)).to(dtype)

@@ -13,6 +13,7 @@ from typing import Iterator, Mapping, Sequence
 
 import torch
 
+from .adapters import Adapter
 from .errors import RoutingError
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -51,13 +52,16 @@ class ExpertRouter:
         self.num_experts = num_experts
         self.expert_index: torch.Tensor | None = None
         self.scales: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.adapters: Mapping[str, tuple[Adapter, ...]] | None = None
 
     @contextmanager
     def route(self, timesteps: torch.Tensor | None = None, *, experts: torch.Tensor | None = None,
               boundaries: Sequence[float] | None = None,
-              scales: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> Iterator[torch.Tensor | None]:
-        """Route one forward by timesteps (0..999) or by explicit expert indices; restores the
-        previous state on exit so nested or failed calls leave nothing behind."""
+              scales: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+              adapters: Mapping[str, tuple[Adapter, ...]] | None = None) -> Iterator[torch.Tensor | None]:
+        """Route one forward by timesteps (0..999) or by explicit expert indices, optionally with other
+        scales and with adapters (layer name -> adapters, see adapters.py); restores the previous state
+        on exit so nested or failed calls leave nothing behind."""
         if timesteps is not None and experts is not None:
             raise ValueError("give timesteps or experts, not both")
         if timesteps is not None:
@@ -66,14 +70,16 @@ class ExpertRouter:
             experts = torch.as_tensor(experts).reshape(-1).long()
             if experts.numel() and (int(experts.min()) < 0 or int(experts.max()) >= self.num_experts):
                 raise ValueError(f"expert index out of range 0..{self.num_experts - 1}: {experts.tolist()}")
-        saved = self.expert_index, self.scales
+        saved = self.expert_index, self.scales, self.adapters
         self.expert_index = experts
         if scales is not None:
             self.scales = scales
+        if adapters is not None:
+            self.adapters = adapters
         try:
             yield experts
         finally:
-            self.expert_index, self.scales = saved
+            self.expert_index, self.scales, self.adapters = saved
 
     def experts_for_batch(self, batch: int, device: torch.device) -> torch.Tensor:
         """One expert index per row of a layer input with `batch` rows."""

@@ -2,7 +2,7 @@
 holds, and what a model clone activates for its forwards (through ExpertRouter.route(scales=...))."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -19,10 +19,13 @@ class ScaleSet:
     bits: int
     experts: int
     fingerprint: str
+    # Where the values come from (training steps done / planned, partial): written to and read from a
+    # scales file's metadata, never used in computation.
+    info: dict[str, str] = field(default_factory=dict, compare=False)
 
     def to(self, device: torch.device | str) -> "ScaleSet":
         moved = {k: (o.to(device), i.to(device)) for k, (o, i) in self.tensors.items()}
-        return ScaleSet(moved, self.bits, self.experts, self.fingerprint)
+        return ScaleSet(moved, self.bits, self.experts, self.fingerprint, dict(self.info))
 
     @property
     def device(self) -> torch.device:
@@ -47,7 +50,7 @@ def trainable(scales: ScaleSet, train_s_in: bool) -> ScaleSet:
     tensors = {k: (nn.Parameter(o.detach().float().clone()),
                    nn.Parameter(i.detach().float().clone(), requires_grad=train_s_in))
                for k, (o, i) in scales.tensors.items()}
-    return ScaleSet(tensors, scales.bits, scales.experts, scales.fingerprint)
+    return ScaleSet(tensors, scales.bits, scales.experts, scales.fingerprint, dict(scales.info))
 
 
 def check_compatible(scales: ScaleSet, module: nn.Module, source: str = "scales") -> None:

@@ -2,10 +2,11 @@
 timestep interval. The ComfyUI node and scripts share this loop; what differs between them (how a
 sample is noised and scored, which model family) comes in as `loss_fn`.
 
-Each step draws one timestep per sample, uniform in [0, 1000). Samples are grouped by conditioning;
-each group runs forward and backward inside its own routing context (activation checkpointing
-recomputes forwards during backward, which must see the same experts). Only the experts that some
-sample used are updated (ExpertAdamW); gradients are clipped over all scales.
+Each step draws one timestep per sample, uniform in [0, 1000). Samples are grouped by image set and
+conditioning; each group runs forward and backward inside its own routing context (activation
+checkpointing recomputes forwards during backward, which must see the same experts). With gradient
+accumulation a step sums the gradients of several such batches. Only the experts that some sample
+used are updated (ExpertAdamW); gradients are clipped over all scales.
 """
 from __future__ import annotations
 
@@ -40,24 +41,38 @@ class TrainConfig:
     grad_clip: float = 1.0
     prior_weight: float = 1.0
     checkpointing: bool = True
+    grad_accumulation_steps: int = 1  # batches whose gradients one optimizer step sums
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError(f"steps and batch_size must be at least 1, got {self.steps}, {self.batch_size}")
+        if self.steps < 1 or self.batch_size < 1 or self.grad_accumulation_steps < 1:
+            raise ValueError(f"steps, batch_size and grad_accumulation_steps must be at least 1, got {self.steps}, "
+                             f"{self.batch_size}, {self.grad_accumulation_steps}")
 
 
 @dataclass(frozen=True)
 class SampleSet:
-    """Training images of one kind as latents (N, C, H, W), sharing conditioning `cond`. `prior`
-    marks class images (prior preservation), weighted by TrainConfig.prior_weight."""
+    """Training images of one size as latents (N, C, H, W) with conditioning `cond`: one index for all,
+    or one per image (captions). `prior` marks class images (prior preservation), weighted by
+    TrainConfig.prior_weight. Sets with the same `subject` (default: their own `cond`) are one subject
+    split by image size (resolution buckets): each sample draws a subject, then one of its images."""
 
     latents: torch.Tensor
-    cond: int
+    cond: int | tuple[int, ...]
     prior: bool = False
+    subject: int | None = None
 
     def __post_init__(self) -> None:
         if self.latents.shape[0] == 0:
             raise ValueError(f"empty image batch for conditioning {self.cond}")
+        if isinstance(self.cond, tuple) and len(self.cond) != self.latents.shape[0]:
+            raise ValueError(f"{len(self.cond)} conditionings for {self.latents.shape[0]} images")
+
+    def cond_of(self, index: int) -> int:
+        return self.cond[index] if isinstance(self.cond, tuple) else self.cond
+
+    @property
+    def subject_key(self) -> object:
+        return ("cond", self.cond) if self.subject is None else ("subject", self.subject)
 
 
 @dataclass
@@ -66,6 +81,7 @@ class TrainResult:
     steps_done: int
     partial: bool
     history: list[tuple[int, int, float]] = field(default_factory=list)  # (step, expert, loss) per sample
+    losses: list[float] = field(default_factory=list)  # the loss of each step this run took
 
     def expert_curves(self, num_experts: int) -> list[list[tuple[int, float]]]:
         curves: list[list[tuple[int, float]]] = [[] for _ in range(num_experts)]
@@ -84,19 +100,29 @@ class NonFiniteLossError(TuneQDMError):
 
 def _snapshot(scales: ScaleSet) -> ScaleSet:
     return ScaleSet({k: (o.detach().clone(), i.detach().clone()) for k, (o, i) in scales.tensors.items()},
-                    scales.bits, scales.experts, scales.fingerprint)
+                    scales.bits, scales.experts, scales.fingerprint, dict(scales.info))
+
+
+def _generator(seed: int, start_step: int) -> torch.Generator:
+    # A resumed run must not replay the draws of the steps already taken.
+    return torch.Generator().manual_seed(seed if start_step == 0 else (seed * 1_000_003 + start_step) % 2**63)
 
 
 def train_scales(model: nn.Module, start: ScaleSet, data: Sequence[SampleSet], loss_fn: LossFn,
                  config: TrainConfig, on_step: Callable[[int, float], None] | None = None,
                  should_stop: Callable[[], bool] | None = None,
-                 stop_exceptions: tuple[type[BaseException], ...] = ()) -> TrainResult:
+                 stop_exceptions: tuple[type[BaseException], ...] = (), start_step: int = 0) -> TrainResult:
     """Train a copy of `start` on `data`; `model` (quantized) is only read. `on_step(step, loss)` after
     each step (progress); `should_stop()` before each step: True ends the run early, result marked
     partial. One of `stop_exceptions` raised inside a step (a host's interrupt) ends the run the same
-    way: that step is dropped, the scales are those of the last complete step."""
+    way: that step is dropped, the scales are those of the last complete step. `start_step` resumes a
+    partial run: `start` holds its scales, steps start_step+1..config.steps are taken (the optimizer's
+    moments start afresh: scales files do not hold them)."""
     if not data:
         raise ValueError("no training images")
+    if not 0 <= start_step < config.steps:
+        raise ValueError(f"cannot resume at step {start_step} of a {config.steps}-step run: "
+                         f"steps must be more than the {start_step} already done")
     router = get_router(model)
     scales = trainable(start, config.train_s_in)
     groups = [dict(params=[o for o, _ in scales.tensors.values()], lr=config.lr_s_out)]
@@ -104,62 +130,94 @@ def train_scales(model: nn.Module, start: ScaleSet, data: Sequence[SampleSet], l
         groups.append(dict(params=[i for _, i in scales.tensors.values()], lr=config.lr_s_in))
     opt = ExpertAdamW(groups, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay)
     params = [p for g in groups for p in g["params"]]
-    gen = torch.Generator().manual_seed(config.seed)
-    instance = [s for s in data if not s.prior]
-    prior = [s for s in data if s.prior]
+    gen = _generator(config.seed, start_step)
+    instance = _subjects([s for s in data if not s.prior])
+    prior = _subjects([s for s in data if s.prior])
     history: list[tuple[int, int, float]] = []
-    steps_done, partial = 0, False
+    losses: list[float] = []
+    steps_done, partial = start_step, False
 
     with checkpointed(model, config.checkpointing):
-        for step in range(config.steps):
+        for step in range(start_step, config.steps):
             if should_stop is not None and should_stop():
                 partial = True
                 break
             opt.zero_grad(set_to_none=True)
+            total, used, records = 0.0, set(), []
             try:
-                total, used, records = _step_gradients(router, scales, instance, prior, loss_fn, config, gen,
-                                                       step, steps_done, history)
+                for _ in range(config.grad_accumulation_steps):
+                    loss, experts, batch = _batch_gradients(router, scales, instance, prior, loss_fn, config, gen,
+                                                            step, steps_done, history)
+                    total += loss
+                    used |= experts
+                    records += batch
             except stop_exceptions:
                 partial = True
                 break
             torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
             opt.step(torch.tensor(sorted(used)))
             history.extend(records)
+            losses.append(total)
             steps_done = step + 1
             if on_step is not None:
                 on_step(steps_done, total)
-    return TrainResult(_snapshot(scales), steps_done, partial, history)
+    return TrainResult(_snapshot(scales), steps_done, partial, history, losses)
 
 
-def _step_gradients(router, scales: ScaleSet, instance: list[SampleSet], prior: list[SampleSet], loss_fn: LossFn,
-                    config: TrainConfig, gen: torch.Generator, step: int,
-                    steps_done: int, history: list) -> tuple[float, set[int], list[tuple[int, int, float]]]:
-    """Forward and backward of one step's samples: the step's loss, the experts used, per-sample records."""
+def _subjects(sets: list[SampleSet]) -> list[list[SampleSet]]:
+    """Sets grouped by subject, in order of first appearance."""
+    groups: dict[object, list[SampleSet]] = {}
+    for s in sets:
+        groups.setdefault(s.subject_key, []).append(s)
+    return list(groups.values())
+
+
+def _batch_gradients(router, scales: ScaleSet, instance: list[list[SampleSet]], prior: list[list[SampleSet]],
+                     loss_fn: LossFn, config: TrainConfig, gen: torch.Generator, step: int,
+                     steps_done: int, history: list) -> tuple[float, set[int], list[tuple[int, int, float]]]:
+    """Forward and backward of one batch: its loss (a share of the step's mean), the experts used, per-sample records."""
     used: set[int] = set()
     records: list[tuple[int, int, float]] = []
     total = 0.0
+    share = config.batch_size * config.grad_accumulation_steps  # the step's loss is the mean over all its samples
     for kind, weight in ((instance, 1.0), (prior, config.prior_weight)):
         if not kind:
             continue
-        # Each sample picks a set (a subject) and then an image, so two subjects are trained equally
-        # however many images each has.
+        # Each sample picks a subject and then an image, so two subjects are trained equally however many
+        # images each has.
         picks = torch.randint(len(kind), (config.batch_size,), generator=gen).tolist()
-        for set_index in sorted(set(picks)):
-            s = kind[set_index]
-            n = picks.count(set_index)
-            idx = torch.randint(s.latents.shape[0], (n,), generator=gen)
+        for subject in sorted(set(picks)):
+            sets = kind[subject]
+            n = picks.count(subject)
+            flat = torch.randint(sum(s.latents.shape[0] for s in sets), (n,), generator=gen)
             t = torch.rand(n, generator=gen) * 1000.0
-            experts = expert_of_timestep(t, router.num_experts)
-            with router.route(experts=experts, scales=scales.tensors):
-                per_sample = loss_fn(s.latents[idx], t, s.cond)
-                loss = per_sample.sum() * (weight / config.batch_size)  # mean over the step's samples
-                if not torch.isfinite(loss):
-                    raise NonFiniteLossError(
-                        f"non-finite loss at step {step + 1} (timesteps {t.tolist()}); training stopped, "
-                        f"the scales of step {steps_done} are kept",
-                        TrainResult(_snapshot(scales), steps_done, True, list(history)))
-                loss.backward()
-            total += float(loss.detach())
-            used.update(experts.tolist())
-            records.extend((step + 1, int(e), float(v)) for e, v in zip(experts, per_sample.detach()))
+            for s, idx, ts in _split(sets, flat, t):
+                experts = expert_of_timestep(ts, router.num_experts)
+                with router.route(experts=experts, scales=scales.tensors):
+                    per_sample = loss_fn(s.latents[idx], ts, s.cond_of(int(idx[0])))
+                    loss = per_sample.sum() * (weight / share)
+                    if not torch.isfinite(loss):
+                        raise NonFiniteLossError(
+                            f"non-finite loss at step {step + 1} (timesteps {ts.tolist()}); training stopped, "
+                            f"the scales of step {steps_done} are kept",
+                            TrainResult(_snapshot(scales), steps_done, True, list(history)))
+                    loss.backward()
+                total += float(loss.detach())
+                used.update(experts.tolist())
+                records.extend((step + 1, int(e), float(v)) for e, v in zip(experts, per_sample.detach()))
     return total, used, records
+
+
+def _split(sets: list[SampleSet], flat: torch.Tensor,
+           t: torch.Tensor) -> list[tuple[SampleSet, torch.Tensor, torch.Tensor]]:
+    """A subject's drawn (image, timestep) pairs as groups that share a set (one latent size) and a conditioning."""
+    groups: dict[tuple[int, int], tuple[list[int], list[int]]] = {}
+    for j, index in enumerate(flat.tolist()):
+        for k, s in enumerate(sets):
+            if index < s.latents.shape[0]:
+                break
+            index -= s.latents.shape[0]
+        idx, pos = groups.setdefault((k, sets[k].cond_of(index)), ([], []))
+        idx.append(index)
+        pos.append(j)
+    return [(sets[k], torch.tensor(idx), t[torch.tensor(pos)]) for (k, _), (idx, pos) in groups.items()]

@@ -15,6 +15,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-memory": ("tuneqdm_core.bench.train_memory", "the training node's path: peak memory and step time"),
     "kernels": ("tuneqdm_core.bench.kernels", "fused quantized Linear per shape, and one SD 1.5 UNet sampling step"),
     "quality": ("tuneqdm_core.bench.quality", "the seed's DreamBooth comparison on the embedded default model"),
+    "peers": ("tuneqdm_core.bench.peers", "each graph in its own ComfyUI server: peak memory against ComfyUI's tools"),
+    "lora": ("tuneqdm_core.bench.lora", "one W4 SD 1.5 UNet step with and without a rank-16 LoRA at call time"),
+    "fidelity": ("tuneqdm_core.bench.fidelity", "latent distance to fp32 against ComfyUI-GGUF Q8_0/Q4_0, and accuracy on real weights"),
 }
 
 

@@ -109,7 +109,7 @@ class RefQuantConv2d(RefQuantLayer):
 
 # ---------------------------------------------------------------- building the variants
 
-def init_float_layer(layer: nn.Module) -> None:
+def init_float_layer(name: str, layer: nn.Module) -> None:
     """Kaiming-uniform weights (torch's default init), for a layer just given real storage."""
     layer.reset_parameters()
 
@@ -136,7 +136,7 @@ def swap_reference_layers(model: nn.Module, bits: int, router: RefRouter) -> Non
         parent = model.get_submodule(parent_name) if parent_name else model
         layer = getattr(parent, leaf).to_empty(device="cpu")
         with torch.no_grad():
-            init_float_layer(layer)
+            init_float_layer(name, layer)
         cls = RefQuantLinear if isinstance(layer, nn.Linear) else RefQuantConv2d
         setattr(parent, leaf, cls(layer, bits, router))
         del layer

@@ -1,0 +1,239 @@
+"""The pack against ComfyUI's own tools, as a user runs them: every row is one graph in its own fresh
+ComfyUI server (the full-size SD1.5 UNet, random weights, fp16 file; CLIP and VAE from a checkpoint),
+and the figure is that server process's peak resident memory (VmHWM).
+
+    python -m tuneqdm_core.bench peers [--rows train|infer|all] [--steps 3] [--size 256] [--json]
+
+Training rows: UNETLoader -> TrainLoraNode (rank 8 fp32, rank 8 bf16, rank 32 fp32) against the pack's
+UNETLoader -> Quantize UNet -> Train TuneQDM Scales (W4, W8), Load Quantized UNet (a W4 file) -> Train,
+and Load and Quantize Diffusion Model (W4, W8) -> Train; batch 1, images at --size, checkpointing on,
+seconds per step measured inside the node (TrainLoraNode: its progress bar's rate; the pack: its report).
+Inference rows: load + sample one 512x512 image (64x64 latent, 4 euler steps) with UNETLoader at its
+default dtype (fp32 on this CPU), fp16 and fp8_e4m3fn, against Load and Quantize Diffusion Model W8 and W4.
+
+Targets (issue 11): loader W4 -> Train peaks at most 0.45x UNETLoader -> TrainLoraNode (rank 8, fp32);
+loader W4 load + sample at most 0.6x UNETLoader fp16 and 0.4x its default; the W4 training step at most
+1.0x the fp32 LoRA step. ComfyUI 0.8.0 (the .comfyui host of `make setup`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests"))
+
+from assets import (Graph, asset_cache_dir, cached_sd15_unet, install,  # noqa: E402
+                    write_tiny_sd15_checkpoint)
+from comfy_host import ComfyServer  # noqa: E402
+
+UNET = "sd15_full_fp16.safetensors"
+CKPT = "tiny_sd15.safetensors"
+W4_FILE = "peers_w4"
+QUANT = dict(experts=4, scales="s_out and s_in (TuneQDM)", s_in_init="ones", keep_float="")
+
+
+def _peak_rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmHWM for pid {pid}")
+
+
+def _with_defaults(info: dict, node: str, given: dict) -> dict:
+    """A node's inputs: what is given, plus the default of every other required widget (so a row keeps
+    working when a node gains an input)."""
+    inputs = dict(given)
+    for name, spec in info[node]["input"]["required"].items():
+        if name in inputs or not (isinstance(spec, list) and len(spec) > 1 and isinstance(spec[1], dict)):
+            continue
+        if "default" in spec[1]:
+            inputs[name] = spec[1]["default"]
+        elif isinstance(spec[0], list) and spec[0]:
+            inputs[name] = spec[0][0]
+    return inputs
+
+
+class Row:
+    def __init__(self, name: str, kind: str, build) -> None:
+        self.name, self.kind, self.build = name, kind, build
+
+
+def _common(g: Graph, size: int):
+    ckpt = g.node("CheckpointLoaderSimple", ckpt_name=CKPT)
+    pos = g.node("CLIPTextEncode", text="a photo of sks digit", clip=ckpt.out(1))
+    images = g.node("ImageScale", image=g.node("TuneQDMDefaultSubjectImages").out(0), upscale_method="bilinear",
+                    width=size, height=size, crop="center")
+    return ckpt, pos, images
+
+
+def _lora_row(rank: int, dtype: str):
+    def build(g: Graph, info: dict, args) -> None:
+        ckpt, pos, images = _common(g, args.size)
+        unet = g.node("UNETLoader", unet_name=UNET, weight_dtype="default")
+        latents = g.node("VAEEncode", pixels=images, vae=ckpt.out(2))
+        train = g.node("TrainLoraNode", **_with_defaults(info, "TrainLoraNode", dict(
+            model=unet.out(0), latents=latents.out(0), positive=pos.out(0), batch_size=1, steps=args.steps,
+            learning_rate=1e-4, rank=rank, training_dtype=dtype, lora_dtype=dtype, gradient_checkpointing=True,
+            existing_lora="[None]")))
+        g.node("PreviewAny", source=train.out(3))
+    return build
+
+
+def _tuneqdm_row(source: str, bits: str):
+    def build(g: Graph, info: dict, args) -> None:
+        ckpt, pos, images = _common(g, args.size)
+        if source == "quantize":
+            unet = g.node("UNETLoader", unet_name=UNET, weight_dtype="default")
+            model = g.node("TuneQDMQuantizeUNet", model=unet.out(0), bits=bits, **QUANT).out(0)
+        elif source == "loader":
+            model = g.node("TuneQDMLoadQuantizeDiffusionModel", unet_name=UNET, weight_dtype="default", bits=bits,
+                           **QUANT).out(0)
+        else:
+            model = g.node("TuneQDMLoadQuantizedUNet", unet_name=f"{W4_FILE}.safetensors").out(0)
+        train = g.node("TuneQDMTrainScales", **_with_defaults(info, "TuneQDMTrainScales", dict(
+            model=model, vae=ckpt.out(2), instance_images=images, instance_conditioning=pos.out(0), steps=args.steps,
+            batch_size=1, resolution=args.size, checkpointing=True)))
+        g.node("PreviewAny", source=train.out(3))
+    return build
+
+
+def _infer_row(source: str, option: str):
+    def build(g: Graph, info: dict, args) -> None:
+        ckpt = g.node("CheckpointLoaderSimple", ckpt_name=CKPT)
+        if source == "unet":
+            model = g.node("UNETLoader", unet_name=UNET, weight_dtype=option).out(0)
+        else:
+            model = g.node("TuneQDMLoadQuantizeDiffusionModel", unet_name=UNET, weight_dtype="default", bits=option,
+                           **QUANT).out(0)
+        pos = g.node("CLIPTextEncode", text="a photo", clip=ckpt.out(1))
+        neg = g.node("CLIPTextEncode", text="", clip=ckpt.out(1))
+        latent = g.node("EmptyLatentImage", width=512, height=512, batch_size=1)
+        s = g.node("KSampler", model=model, positive=pos.out(0), negative=neg.out(0), latent_image=latent.out(0),
+                   seed=0, steps=4, cfg=7.0, sampler_name="euler", scheduler="normal", denoise=1.0)
+        g.node("SaveLatent", samples=s.out(0), filename_prefix="latents/peers")
+    return build
+
+
+ROWS = [
+    Row("UNETLoader -> TrainLoraNode (rank 8, fp32)", "train", _lora_row(8, "fp32")),
+    Row("UNETLoader -> TrainLoraNode (rank 8, bf16)", "train", _lora_row(8, "bf16")),
+    Row("UNETLoader -> TrainLoraNode (rank 32, fp32)", "train", _lora_row(32, "fp32")),
+    Row("UNETLoader -> Quantize UNet W4 -> Train TuneQDM Scales", "train", _tuneqdm_row("quantize", "4")),
+    Row("UNETLoader -> Quantize UNet W8 -> Train TuneQDM Scales", "train", _tuneqdm_row("quantize", "8")),
+    Row("Load Quantized UNet (W4 file) -> Train TuneQDM Scales", "train", _tuneqdm_row("file", "4")),
+    Row("Load and Quantize W4 -> Train TuneQDM Scales", "train", _tuneqdm_row("loader", "4")),
+    Row("Load and Quantize W8 -> Train TuneQDM Scales", "train", _tuneqdm_row("loader", "8")),
+    Row("UNETLoader default (fp32) -> KSampler 512x512", "infer", _infer_row("unet", "default")),
+    Row("UNETLoader fp16 -> KSampler 512x512", "infer", _infer_row("unet", "fp16")),
+    Row("UNETLoader fp8_e4m3fn -> KSampler 512x512", "infer", _infer_row("unet", "fp8_e4m3fn")),
+    Row("Load and Quantize W8 -> KSampler 512x512", "infer", _infer_row("loader", "8")),
+    Row("Load and Quantize W4 -> KSampler 512x512", "infer", _infer_row("loader", "4")),
+]
+
+
+def _step_seconds(row: Row, entry: dict, log: str, steps: int) -> float | None:
+    if row.kind != "train":
+        return None
+    if "TrainLora" in row.name:
+        rates = re.findall(r"Training LoRA.*?(\d+(?:\.\d+)?)(s/it|it/s)[,\]]", log)
+        if not rates:
+            return None
+        value, unit = rates[-1]
+        return float(value) if unit == "s/it" else 1.0 / float(value)
+    for out in entry.get("outputs", {}).values():
+        for text in out.get("text", []):
+            m = re.search(r"(\d+)/\d+ steps in ([\d.]+) s", text)
+            if m:
+                return float(m.group(2)) / int(m.group(1))
+    return None
+
+
+def _server(files: dict[str, Path]) -> ComfyServer:
+    server = ComfyServer().start()
+    for folder, (src, name) in files.items():
+        install(src, server.models_dir / folder, name)
+    return server
+
+
+def _make_w4_file(files: dict) -> Path:
+    """One W4 quantized-model file, made by the pack's own loader and saver, for the Load Quantized UNet row."""
+    server = _server(files)
+    try:
+        g = Graph()
+        model = g.node("TuneQDMLoadQuantizeDiffusionModel", unet_name=UNET, weight_dtype="default", bits="4", **QUANT)
+        g.node("TuneQDMSaveQuantizedUNet", model=model.out(0), filename_prefix=W4_FILE)
+        server.run(g.to_api(), timeout=900, check=True)
+        made = sorted((server.models_dir / "tuneqdm").rglob(f"{W4_FILE}*.safetensors"))
+        target = asset_cache_dir() / f"{W4_FILE}.safetensors"
+        target.write_bytes(made[-1].read_bytes())
+        return target
+    finally:
+        server.stop()
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rows", choices=("train", "infer", "all"), default="all")
+    p.add_argument("--only", default="", help="run only the rows whose name contains this text")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--json", action="store_true")
+
+
+def main(args: argparse.Namespace) -> int:
+    unet = cached_sd15_unet(full_size=True)
+    ckpt = write_tiny_sd15_checkpoint(asset_cache_dir() / CKPT)
+    files = {"diffusion_models": (unet.path, UNET), "checkpoints": (ckpt.path, CKPT)}
+    rows = [r for r in ROWS if args.rows in ("all", r.kind) and args.only in r.name]
+    if any("W4 file" in r.name for r in rows):
+        files["tuneqdm"] = (_make_w4_file(files), f"{W4_FILE}.safetensors")
+    results = []
+    for row in rows:
+        server = _server(files)
+        try:
+            g = Graph()
+            row.build(g, server.object_info(), args)
+            start = time.perf_counter()
+            entry = server.run(g.to_api(), timeout=1800, check=True)
+            wall = time.perf_counter() - start
+            result = {"row": row.name, "kind": row.kind, "peak_rss": _peak_rss(server.pid), "wall_s": wall,
+                      "step_s": _step_seconds(row, entry, server.log_text(), args.steps)}
+        finally:
+            server.stop()
+        results.append(result)
+        step = f"{result['step_s']:.1f} s/step" if result["step_s"] else "-"
+        print(f"[peers] {row.name}: peak {result['peak_rss'] / 1e9:.2f} GB, {step}, prompt {wall:.1f} s", flush=True)
+    by = {r["row"]: r for r in results}
+    print("\n| graph | peak RSS | step | prompt wall time |\n|---|---|---|---|")
+    for r in results:
+        step = f"{r['step_s']:.1f} s" if r["step_s"] else "-"
+        print(f"| {r['row']} | {r['peak_rss'] / 1e9:.2f} GB | {step} | {r['wall_s']:.1f} s |")
+    targets = _targets(by)
+    for line in targets:
+        print(line)
+    if args.json:
+        print(json.dumps({"rows": results, "targets": targets}, indent=1))
+    return 0
+
+
+def _targets(by: dict) -> list[str]:
+    lines = []
+
+    def ratio(a: str, b: str, key: str, limit: float, what: str) -> None:
+        if a in by and b in by and by[a][key] and by[b][key]:
+            r = by[a][key] / by[b][key]
+            lines.append(f"target: {what} {r:.2f}x (at most {limit}x): {'MET' if r <= limit else 'MISSED'}")
+
+    lora = "UNETLoader -> TrainLoraNode (rank 8, fp32)"
+    w4 = "Load and Quantize W4 -> Train TuneQDM Scales"
+    ratio(w4, lora, "peak_rss", 0.45, "loader W4 -> Train peak / UNETLoader -> TrainLoraNode fp32 peak")
+    ratio(w4, lora, "step_s", 1.0, "loader W4 training step / fp32 LoRA step")
+    infer = "Load and Quantize W4 -> KSampler 512x512"
+    ratio(infer, "UNETLoader fp16 -> KSampler 512x512", "peak_rss", 0.6, "loader W4 inference peak / UNETLoader fp16")
+    ratio(infer, "UNETLoader default (fp32) -> KSampler 512x512", "peak_rss", 0.4,
+          "loader W4 inference peak / UNETLoader default (fp32)")
+    return lines
