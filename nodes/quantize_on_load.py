@@ -8,7 +8,6 @@ fp8 files (scaled-fp8 and `_quantization_metadata`) are dequantized one weight a
 """
 from __future__ import annotations
 
-import os
 from typing import Callable
 
 import comfy.model_detection
@@ -109,7 +108,3 @@ def load_quantized(path: str, config: TuneQDMConfig, weight_dtype: str = "defaul
                                                offload_device=offload)
     patcher.add_wrapper_with_key(APPLY_MODEL, WRAPPER_KEY, ExpertRouting())
     return patcher, report
-
-
-def file_label(path: str) -> str:
-    return os.path.basename(path)
