@@ -59,8 +59,8 @@ def _with_defaults(info: dict, node: str, given: dict) -> dict:
 
 
 class Row:
-    def __init__(self, name: str, kind: str, build) -> None:
-        self.name, self.kind, self.build = name, kind, build
+    def __init__(self, name: str, kind: str, build, server_args: tuple[str, ...] = ()) -> None:
+        self.name, self.kind, self.build, self.server_args = name, kind, build, server_args
 
 
 def _common(g: Graph, size: int):
@@ -129,7 +129,8 @@ ROWS = [
     Row("Load and Quantize W4 -> Train TuneQDM Scales", "train", _tuneqdm_row("loader", "4")),
     Row("Load and Quantize W8 -> Train TuneQDM Scales", "train", _tuneqdm_row("loader", "8")),
     Row("UNETLoader default (fp32) -> KSampler 512x512", "infer", _infer_row("unet", "default")),
-    Row("UNETLoader fp16 -> KSampler 512x512", "infer", _infer_row("unet", "fp16")),
+    # UNETLoader's own choices are default and fp8: fp16 weights are ComfyUI's --fp16-unet.
+    Row("UNETLoader fp16 -> KSampler 512x512", "infer", _infer_row("unet", "default"), ("--fp16-unet",)),
     Row("UNETLoader fp8_e4m3fn -> KSampler 512x512", "infer", _infer_row("unet", "fp8_e4m3fn")),
     Row("Load and Quantize W8 -> KSampler 512x512", "infer", _infer_row("loader", "8")),
     Row("Load and Quantize W4 -> KSampler 512x512", "infer", _infer_row("loader", "4")),
@@ -153,8 +154,8 @@ def _step_seconds(row: Row, entry: dict, log: str, steps: int) -> float | None:
     return None
 
 
-def _server(files: dict[str, Path]) -> ComfyServer:
-    server = ComfyServer().start()
+def _server(files: dict[str, Path], args: tuple[str, ...] = ()) -> ComfyServer:
+    server = ComfyServer(extra_args=list(args)).start()
     for folder, (src, name) in files.items():
         install(src, server.models_dir / folder, name)
     return server
@@ -193,7 +194,7 @@ def main(args: argparse.Namespace) -> int:
         files["tuneqdm"] = (_make_w4_file(files), f"{W4_FILE}.safetensors")
     results = []
     for row in rows:
-        server = _server(files)
+        server = _server(files, row.server_args)
         try:
             g = Graph()
             row.build(g, server.object_info(), args)
