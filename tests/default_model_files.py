@@ -29,6 +29,11 @@ def conv2d_layers(state: dict[str, torch.Tensor]) -> list[str]:
     return sorted(k[: -len(".weight")] for k, v in state.items() if k.endswith(".weight") and v.ndim == 4)
 
 
+def _scale_to(delta: torch.Tensor, weight: torch.Tensor, relative: float) -> float:
+    """The factor that makes `delta`'s RMS `relative` times `weight`'s (the update is linear in it)."""
+    return relative * float(weight.pow(2).mean().sqrt()) / float(delta.pow(2).mean().sqrt())
+
+
 def write_lora(path: Path, *, naming: str = "diffusion_model", rank: int = 4, relative: float = 0.1,
                seed: int = 0) -> Path:
     """A random LoRA on every Linear of the UNet whose update is about `relative` of each weight's size.
@@ -40,11 +45,9 @@ def write_lora(path: Path, *, naming: str = "diffusion_model", rank: int = 4, re
         w = state[f"{layer}.weight"].float()
         n_out, n_in = w.shape
         down = torch.randn(rank, n_in, generator=g) / n_in**0.5
-        # up @ down entries have std ~ std(up) * sqrt(rank / n_in) * sqrt(n_in) / sqrt(n_in)... scaled so the
-        # update's RMS is `relative` times the weight's RMS (alpha = rank: strength 1 applies it as is).
+        # alpha = rank, so strength 1 applies up @ down as it is.
         up = torch.randn(n_out, rank, generator=g)
-        delta_rms = float((up @ down).pow(2).mean().sqrt())
-        up *= relative * float(w.pow(2).mean().sqrt()) / delta_rms
+        up *= _scale_to(up @ down, w, relative)
         key = f"diffusion_model.{layer}" if naming == "diffusion_model" else "lora_unet_" + layer.replace(".", "_")
         out[f"{key}.lora_up.weight"] = up.half().contiguous()
         out[f"{key}.lora_down.weight"] = down.half().contiguous()
@@ -93,8 +96,7 @@ def write_loha(path: Path, *, rank: int = 4, relative: float = 0.1, seed: int = 
         n_out, n_in = w.shape
         w1a, w1b = torch.randn(n_out, rank, generator=g), torch.randn(rank, n_in, generator=g)
         w2a, w2b = torch.randn(n_out, rank, generator=g), torch.randn(rank, n_in, generator=g)
-        delta_rms = float(((w1a @ w1b) * (w2a @ w2b)).pow(2).mean().sqrt())
-        w1a *= relative * float(w.pow(2).mean().sqrt()) / delta_rms
+        w1a *= _scale_to((w1a @ w1b) * (w2a @ w2b), w, relative)
         key = f"lora_unet_{layer.replace('.', '_')}"
         for name, t in (("hada_w1_a", w1a), ("hada_w1_b", w1b), ("hada_w2_a", w2a), ("hada_w2_b", w2b)):
             out[f"{key}.{name}"] = t.half().contiguous()
