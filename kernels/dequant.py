@@ -5,7 +5,8 @@ bits are packed two per byte along K, low nibble first, so row n holds ceil(K / 
 K, the high nibble of its last byte is padding. Codes of 5..8 bits take one byte each. Per channel,
 `zero` is one uint8 per output channel and A = Q - z. Group-wise (group size g), column k belongs to
 group k // g, `zero` holds one code per group (packed like the codes at up to 4 bits) and
-`group_scale` one fp16 relative step per group: A = S * (Q - z), built in fp32 in registers.
+`group_scale` one relative step per group (a step code, or float16 in older files): A = S * (Q - z),
+built in fp32 in registers.
 
 `dequantize_codes` writes A in a float dtype. It is the conv path's weight: built inside one call,
 handed to the vendor convolution and dropped (and built again in backward).
@@ -28,9 +29,11 @@ def interpreting() -> bool:
 def weight_tile(w_ptr, zero_ptr, gs_ptr, offs_n, k0, N, K, stride_wn, stride_zn, stride_gn, GROUP,
                 PACKED: tl.constexpr, GROUPED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """A for rows `offs_n` (BLOCK_N,) and columns k0 .. k0 + BLOCK_K; zero outside the weight.
-    Per channel (GROUPED false): Q - z as int32, one z per row. Group-wise: S * (Q - z) as float32, with
+    Per channel (GROUPED 0): Q - z as int32, one z per row. Group-wise: S * (Q - z) as float32, with
     the group of column k being k // GROUP, its zero point read from `zero_ptr` (packed two per byte,
-    low nibble first, when PACKED, like the codes) and its relative step from `gs_ptr`.
+    low nibble first, when PACKED, like the codes) and its relative step from `gs_ptr`: a step code c
+    stored like the zero point, S = c / L (GROUPED 2, L = 15 when PACKED, else 255), or the float16 S of
+    files written before step codes (GROUPED 1).
     k0 must be a multiple of BLOCK_K (so even when PACKED)."""
     n_mask = offs_n < N
     offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -56,8 +59,16 @@ def weight_tile(w_ptr, zero_ptr, gs_ptr, offs_n, k0, N, K, stride_wn, stride_zn,
             z = (zb >> ((gidx & 1) * 4)[None, :]) & 0xF
         else:
             z = tl.load(zero_ptr + zrows + gidx[None, :], mask=mask, other=0).to(tl.int32)
-        s = tl.load(gs_ptr + offs_n.to(tl.int64)[:, None] * stride_gn + gidx[None, :], mask=mask, other=0.0)
-        return tl.where(mask, (q - z).to(tl.float32) * s.to(tl.float32), 0.0)
+        srows = offs_n.to(tl.int64)[:, None] * stride_gn
+        if GROUPED == 2:
+            if PACKED:
+                cb = tl.load(gs_ptr + srows + (gidx // 2)[None, :], mask=mask, other=0).to(tl.int32)
+                s = ((cb >> ((gidx & 1) * 4)[None, :]) & 0xF).to(tl.float32) / 15.0
+            else:
+                s = tl.load(gs_ptr + srows + gidx[None, :], mask=mask, other=0).to(tl.float32) / 255.0
+        else:
+            s = tl.load(gs_ptr + srows + gidx[None, :], mask=mask, other=0.0).to(tl.float32)
+        return tl.where(mask, (q - z).to(tl.float32) * s, 0.0)
     else:
         z = tl.load(zero_ptr + offs_n, mask=n_mask, other=0).to(tl.int32)
         # Masking after the subtraction also drops the padding nibble of an odd K.
@@ -65,14 +76,16 @@ def weight_tile(w_ptr, zero_ptr, gs_ptr, offs_n, k0, N, K, stride_wn, stride_zn,
 
 
 def group_args(zero: torch.Tensor, group_scale: torch.Tensor | None, group_size: int) -> tuple:
-    """(zero, gs_ptr, stride_zn, stride_gn, GROUP, GROUPED) for a kernel launch; per channel: placeholders."""
+    """(zero, gs_ptr, stride_zn, stride_gn, GROUP, GROUPED) for a kernel launch; per channel: placeholders.
+    GROUPED: 0 per channel, 1 float16 group steps (older files), 2 step codes."""
     if group_scale is None or not group_size:
-        return zero, zero, 0, 0, 1, False
+        return zero, zero, 0, 0, 1, 0
     if zero.stride(1) != 1:
         zero = zero.contiguous()
     if group_scale.stride(1) != 1:
         group_scale = group_scale.contiguous()
-    return zero, group_scale, zero.stride(0), group_scale.stride(0), int(group_size), True
+    coded = 2 if group_scale.dtype == torch.uint8 else 1
+    return zero, group_scale, zero.stride(0), group_scale.stride(0), int(group_size), coded
 
 
 @triton.jit

@@ -11,7 +11,8 @@ import torch
 
 @dataclass(frozen=True)
 class LatentGroup:
-    """Latents (N, C, H, W) of one size, after process_latent_in, and each image's conditioning index."""
+    """Latents of one size, after process_latent_in: images (N, C, H, W) or videos (N, C, T, H, W), as the
+    model's latent format has them; and each sample's conditioning index."""
 
     latents: torch.Tensor
     conds: tuple[int, ...]
@@ -67,9 +68,11 @@ def group_latents(latents: list, cond_values: list, what: str, cond_what: str) -
     flat: list[tuple[torch.Tensor, tuple[int, ...]]] = []
     for i, latent in enumerate(latents):
         samples = latent.get("samples") if isinstance(latent, dict) else None
-        if not isinstance(samples, torch.Tensor) or samples.ndim != 4 or samples.shape[0] == 0:
+        # 5-D: video models' latents (Wan, Hunyuan Video: B, C, T, H, W); each video is one training sample.
+        if not isinstance(samples, torch.Tensor) or samples.ndim not in (4, 5) or samples.shape[0] == 0:
             shape = tuple(samples.shape) if isinstance(samples, torch.Tensor) else type(latent).__name__
-            raise ValueError(f"{what}[{i}]: expected a LATENT with samples (B, C, H, W), got {shape}")
+            raise ValueError(f"{what}[{i}]: expected a LATENT with samples (B, C, H, W), or (B, C, T, H, W) for "
+                             f"a video model, got {shape}")
         flat.extend((samples[j], tuple(samples.shape[1:])) for j in range(samples.shape[0]))
     if not flat:
         raise ValueError(f"{what}: no latents")

@@ -4,14 +4,14 @@ from __future__ import annotations
 import logging
 
 from ..tuneqdm_core import QuantReport, TuneQDMConfig
-from ..tuneqdm_core.config import DEFAULT_GROUP_SIZE
 from .patcher import progress_callback, quantize_patcher
 
 CATEGORY = "TuneQDM"
 SCALE_MODES = ("s_out and s_in (TuneQDM)", "s_out only (PEQA)")
 PER_CHANNEL = "per-channel"
-GROUP_SIZES = (PER_CHANNEL, "32", "64", "128")
-DEFAULT_GROUP = str(DEFAULT_GROUP_SIZE)
+AUTO_GROUP = "auto"
+GROUP_SIZES = (AUTO_GROUP, PER_CHANNEL, "16", "32", "64", "128")
+DEFAULT_GROUP = AUTO_GROUP
 
 
 def quantize_options() -> dict:
@@ -41,13 +41,16 @@ def quantize_optional() -> dict:
             "default": DEFAULT_GROUP,
             "tooltip": "Frozen base steps per group of this many input values, each group with its own step and "
                        "zero point fitted to minimise the weight error (as GGUF's blocks); the trainable scales "
-                       "sit on top. per-channel: one step per output channel (smaller, less faithful at W4). "
-                       f"Default {DEFAULT_GROUP}: at W4 closer to the float model than GGUF Q4_0, at 0.29x an fp16 "
-                       "file."}),
+                       "sit on top. auto: 16 at W4 (GGUF Q4_0's size, 0.8x its distance to the float model), "
+                       "32 at W8 (Q8_0's size). per-channel: one step per output channel (smaller, less "
+                       "faithful at W4)."}),
     }
 
 
-def group_size_of(option: str) -> int:
+def group_size_of(option: str) -> int | None:
+    """The config's group size for a widget value: None (auto) lets the config pick it for the bits."""
+    if option == AUTO_GROUP:
+        return None
     if option == PER_CHANNEL:
         return 0
     if option not in GROUP_SIZES:
@@ -70,7 +73,7 @@ def publish(report: QuantReport) -> str:
 
 class QuantizeUNet:
     DESCRIPTION = ("Quantizes every Linear/Conv2d of the diffusion model to 4 or 8 bits (a frozen step and zero "
-                   "point per group of 32 input values, fitted to the weights; or per output channel) and gives it trainable separable scales, one set per timestep expert. "
+                   "point per group of 16 (W4) or 32 (W8) input values, fitted to the weights; or per output channel) and gives it trainable separable scales, one set per timestep expert. "
                    "The input MODEL is left untouched, so the float model stays in memory beside the quantized "
                    "one: to quantize a model file without ever holding it in float, use 'Load and Quantize "
                    "Diffusion Model (TuneQDM)' instead. This node is for models other nodes have changed "

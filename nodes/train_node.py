@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import logging
 import time
+from typing import Callable
 
 import comfy.model_management
 import comfy.utils
@@ -48,6 +49,25 @@ def _cond_kwargs(base, pair, x: torch.Tensor, device) -> dict:
     conds = base.extra_conds(**params)
     # Clones: conditioning made under inference mode must not reach autograd as inference tensors.
     return {k: c.process_cond(batch_size=x.shape[0], device=device).cond.clone() for k, c in conds.items()}
+
+
+def prediction_loss(base, conds: list, device, error_of, noise) -> Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]:
+    """The training loss of `base` (a ComfyUI BaseModel) for train_scales: each sample noised with the model's own
+    schedule and scored in its own prediction space; `conds[i]` is a [context, options] pair, `error_of` one of
+    LOSS_FUNCTIONS, `noise(x0, t)` the noise for a batch. Shared with the headless trainer (tuneqdm_train)."""
+    ms = base.model_sampling
+
+    def loss_fn(x0, t, cond_index):
+        eps = noise(x0, t)
+        x0 = x0.to(device)
+        sigma = sigma_of_timestep(ms, t).to(device)
+        xt = ms.noise_scaling(sigma, eps.to(device), x0)
+        kwargs = _cond_kwargs(base, conds[cond_index], xt, device)
+        denoised = base.apply_model(xt, sigma, transformer_options={}, **kwargs).float()
+        slope = ms.calculate_denoised(sigma, torch.ones_like(xt), xt) - ms.calculate_denoised(sigma, torch.zeros_like(xt), xt)
+        return error_of((denoised - x0) / slope).flatten(1).mean(1)
+
+    return loss_fn
 
 
 def _first(value, default=None):
@@ -206,21 +226,14 @@ class TrainScales:
                 raise ValueError(f"resume: {resume_name} already has {start_step} steps; set steps above {start_step} "
                                  "to continue it")
 
-        comfy.model_management.load_models_gpu([model])
+        # The steps need only this model: every other one on the device (the VAE that just encoded the images,
+        # text encoders) is unloaded first, as ComfyUI's own trainer does. On a CPU-only host nothing is freed:
+        # the loaders' cached outputs keep those models in RAM.
+        comfy.model_management.load_models_gpu([model], memory_required=1e20, force_full_load=True)
         device = model.load_device
-        ms = base.model_sampling
         noise_gen = torch.Generator().manual_seed(_first(seed) + 1 + start_step)
-        error_of = LOSS_FUNCTIONS[_first(loss_function, "MSE")]
-
-        def loss_fn(x0, t, cond_index):
-            x0 = x0.to(device)
-            sigma = sigma_of_timestep(ms, t).to(device)
-            noise = torch.randn(x0.shape, generator=noise_gen).to(device)
-            xt = ms.noise_scaling(sigma, noise, x0)
-            kwargs = _cond_kwargs(base, conds[cond_index], xt, device)
-            denoised = base.apply_model(xt, sigma, transformer_options={}, **kwargs).float()
-            slope = ms.calculate_denoised(sigma, torch.ones_like(xt), xt) - ms.calculate_denoised(sigma, torch.zeros_like(xt), xt)
-            return error_of((denoised - x0) / slope).flatten(1).mean(1)
+        loss_fn = prediction_loss(base, conds, device, LOSS_FUNCTIONS[_first(loss_function, "MSE")],
+                                  lambda x0, t: torch.randn(x0.shape, generator=noise_gen))
 
         config = TrainConfig(steps=steps, lr_s_out=_first(lr_s_out), lr_s_in=_first(lr_s_in), train_s_in=train_s_in,
                              batch_size=_first(batch_size), seed=_first(seed), prior_weight=_first(prior_weight, 1.0),

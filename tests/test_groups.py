@@ -17,7 +17,8 @@ from tuneqdm_core import (ExpertRouter, QuantConv2d, QuantLinear, TuneQDMConfig,
                           quantize_model, quantize_weight)
 from tuneqdm_core.fileio import (load_quantized_model, load_scales, read_quantized_model, save_quantized_model,
                                  save_scales)
-from tuneqdm_core.quant import check_group_size, group_zeros, integer_weight, minimize_groups, num_groups, unpack
+from tuneqdm_core.quant import (check_group_size, default_group_size, group_steps, group_zeros, integer_weight,
+                                minimize_groups, num_groups, packed_width, step_levels, unpack)
 from tuneqdm_core.scales import scales_of
 from test_layers import randomize_scales
 
@@ -33,7 +34,7 @@ def reference_weight(layer, e):
     g = layer.group_size
     idx = torch.arange(k) // g
     z = group_zeros(layer.zero, layer.bits, num_groups(k, g)).double()[:, idx]
-    s = layer.group_scale.double()[:, idx]
+    s = group_steps(layer.group_scale, layer.bits, num_groups(k, g), torch.float64)[:, idx]
     a = (s * (codes - z)).reshape(layer.weight_shape)
     s_out, s_in = layer.s_out[e].double(), layer.s_in[e].double()
     if a.ndim == 2:
@@ -58,7 +59,8 @@ def leaves(layer):
 def test_grouped_linear_forward_and_all_gradients_match_autograd_on_dequantized_weight(bits, group_size, in_f, bias):
     torch.manual_seed(bits * 7 + in_f)
     q = QuantLinear.from_float(nn.Linear(in_f, 13, bias=bias), bits=bits, experts=3, group_size=group_size)
-    assert q.group_size == group_size and q.group_scale.shape == (13, num_groups(in_f, group_size))
+    groups = num_groups(in_f, group_size)
+    assert q.group_size == group_size and q.group_scale.shape == (13, packed_width(groups, bits))
     randomize_scales(q, bits)
     q.bias.requires_grad_(True) if bias else None
     experts = [2, 0, 2, 1]
@@ -111,11 +113,14 @@ def test_grouped_conv_forward_and_all_gradients_match_autograd_on_dequantized_we
 def test_dequantize_and_integer_weight_agree_with_the_explicit_group_form():
     w = torch.randn(9, 70)
     qw = quantize_weight(w, 4, 32)  # 70 = 32 + 32 + 6: a shorter last group
-    assert qw.group_scale.shape == (9, 3) and qw.zero.shape == (9, 2)  # three 4-bit zero points in two bytes
+    # three 4-bit zero points in two bytes, three 4-bit step codes likewise
+    assert qw.group_scale.shape == (9, 2) and qw.zero.shape == (9, 2) and qw.group_scale.dtype == torch.uint8
     a = integer_weight(qw.packed, qw.zero, 4, qw.shape, torch.float64, qw.group_scale, 32)
     idx = torch.arange(70) // 32
     z = group_zeros(qw.zero, 4, 3).double()[:, idx]
-    explicit = qw.group_scale.double()[:, idx] * (unpack(qw.packed, 4, 70).double() - z)
+    codes = unpack(qw.group_scale, 4, 3).double()
+    assert codes.min() >= 1 and codes.amax(dim=1).eq(15).all()  # the channel's largest step is its base: S = 1
+    explicit = (codes / 15)[:, idx] * (unpack(qw.packed, 4, 70).double() - z)
     torch.testing.assert_close(a, explicit, rtol=0, atol=0)
     torch.testing.assert_close(dequantize(qw, torch.float64), qw.scale.double()[:, None] * explicit)
 
@@ -158,16 +163,23 @@ def test_exact_zeros_and_constant_groups_stay_exact():
 def test_bad_group_sizes_are_refused_with_a_clear_message(bad):
     with pytest.raises(ValueError, match="group_size must be 0 \\(per output channel\\) or an integer from 8 to 4096"):
         check_group_size(bad)
-    with pytest.raises(ValueError, match="group_size"):
-        TuneQDMConfig(group_size=bad)
+    if bad is not None:  # None in a config is "the default for the bits"
+        with pytest.raises(ValueError, match="group_size"):
+            TuneQDMConfig(group_size=bad)
     with pytest.raises(ValueError, match="group_size"):
         quantize_weight(torch.randn(4, 64), 4, bad)
+
+
+def test_the_default_group_size_follows_the_bits():
+    assert [TuneQDMConfig(bits=b).group_size for b in (2, 3, 4, 5, 8)] == [16, 16, 16, 32, 32]
+    assert [default_group_size(b) for b in (4, 8)] == [16, 32] and [step_levels(b) for b in (4, 8)] == [15, 255]
+    assert TuneQDMConfig(bits=4, group_size=0).group_size == 0 and TuneQDMConfig(bits=8, group_size=64).group_size == 64
 
 
 def test_group_size_not_dividing_the_input_is_a_shorter_last_group_and_larger_than_input_is_one_group():
     for k, g, groups in ((100, 32, 4), (36, 32, 2), (20, 64, 1), (64, 64, 1)):
         qw = quantize_weight(torch.randn(3, k), 4, g)
-        assert qw.group_scale.shape == (3, groups), (k, g)
+        assert qw.group_scale.shape == (3, packed_width(groups, 4)), (k, g)
         assert num_groups(k, g) == groups
 
 
@@ -185,8 +197,9 @@ def test_grouped_model_file_round_trip_and_its_scales(tmp_path):
         y = m(x)
     save_quantized_model(tmp_path / "m.safetensors", m)
     header, tensors = read_quantized_model(tmp_path / "m.safetensors")
-    assert header.metadata["tuneqdm.version"] == "3"
+    assert header.metadata["tuneqdm.version"] == "4"
     assert {spec["group_size"] for spec in header.layers.values()} == {32}
+    assert {spec["group_steps"] for spec in header.layers.values()} == {"codes"}
     assert any(k.endswith("group_scale") for k in tensors)
     with torch.device("meta"):
         skeleton = model()
@@ -235,13 +248,17 @@ OLD_WRITER = textwrap.dedent("""
 """)
 
 
-def test_files_written_by_the_pack_before_groups_still_load(tmp_path):
-    """The committed pack (git HEAD, or the first commit that has no group-wise code) writes a W4 model file
+@pytest.mark.parametrize("marker,versions,group_size,steps", [
+    ("group_scale", ("1", "2"), 0, None),  # before groups: per-channel files
+    ("step_levels", ("3",), 32, torch.float16),  # before step codes: group steps in float16
+])
+def test_files_written_by_the_pack_before_a_format_change_still_load(tmp_path, marker, versions, group_size, steps):
+    """The committed pack (git HEAD, or the commit before `marker` entered quant.py) writes a W4 model file
     and a scales file; this checkout loads both and computes the same outputs."""
     old_src = tmp_path / "old"
     old_src.mkdir()
     try:
-        rev = subprocess.run(["git", "-C", str(REPO_ROOT), "log", "--format=%H", "-S", "group_scale", "--reverse",
+        rev = subprocess.run(["git", "-C", str(REPO_ROOT), "log", "--format=%H", "-S", marker, "--reverse",
                               "--", "tuneqdm_core/quant.py"], capture_output=True, text=True, check=True).stdout.split()
         base = f"{rev[0]}~1" if rev else "HEAD"
         archive = subprocess.run(["git", "-C", str(REPO_ROOT), "archive", base, "tuneqdm_core"], capture_output=True,
@@ -249,15 +266,17 @@ def test_files_written_by_the_pack_before_groups_still_load(tmp_path):
     except (OSError, subprocess.CalledProcessError) as e:
         pytest.skip(f"no git history to take the old pack from: {e}")
     subprocess.run(["tar", "-x", "-C", str(old_src)], input=archive, check=True)
-    if "group_scale" in (old_src / "tuneqdm_core" / "quant.py").read_text():
-        pytest.skip("the committed pack already has groups: nothing older to compare with")
+    if marker in (old_src / "tuneqdm_core" / "quant.py").read_text():
+        pytest.skip(f"the committed pack already has {marker}: nothing older to compare with")
     subprocess.run([sys.executable, "-c", OLD_WRITER, str(old_src), str(tmp_path)], check=True, timeout=300)
     header, _ = read_quantized_model(tmp_path / "old_model.safetensors")
-    assert header.metadata["tuneqdm.version"] in ("1", "2")
+    assert header.metadata["tuneqdm.version"] in versions
     with torch.device("meta"):
         skeleton = model()
     loaded = load_quantized_model(tmp_path / "old_model.safetensors", skeleton)
-    assert all(layer.group_size == 0 for layer in loaded.modules() if hasattr(layer, "group_size"))
+    layers = [layer for layer in loaded.modules() if hasattr(layer, "group_size")]
+    assert layers and all(layer.group_size == group_size for layer in layers)
+    assert all((layer.group_scale is None) if steps is None else layer.group_scale.dtype == steps for layer in layers)
     io = torch.load(tmp_path / "old_io.pt")
     with loaded.tuneqdm_router.route(experts=torch.tensor([1, 0])):
         torch.testing.assert_close(loaded(io["x"]), io["y"], rtol=0, atol=0)

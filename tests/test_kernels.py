@@ -16,7 +16,7 @@ import torch
 import kernels
 from tuneqdm_core import functional
 from tuneqdm_core.functional import ConvGeometry, PackedWeight, separable_conv2d, separable_linear
-from tuneqdm_core.quant import integer_weight, quantize_weight
+from tuneqdm_core.quant import group_steps, integer_weight, num_groups, quantize_weight
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Tolerances relative to the largest reference value: fp32 is exact up to summation order; fp16 and
@@ -211,10 +211,14 @@ def test_grouped_fused_linear_crosses_block_boundaries(bits):
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("shape,group_size", [((19, 37), 8), ((5, 3, 3, 3), 16), ((12, 64), 32), ((3, 9), 8)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_grouped_dequant_kernel_matches_integer_weight(bits, shape, group_size, dtype):
+@pytest.mark.parametrize("steps", ["codes", "float16"])  # float16: the group steps of files before step codes
+def test_grouped_dequant_kernel_matches_integer_weight(bits, shape, group_size, dtype, steps):
     qw = quantize_weight(torch.randn(shape, generator=torch.Generator().manual_seed(bits)), bits, group_size)
-    a = kernels.dequantize_codes(qw.packed, qw.zero, bits, qw.shape, dtype, qw.group_scale, group_size)
-    ref = integer_weight(qw.packed, qw.zero, bits, qw.shape, dtype, qw.group_scale, group_size)
+    gs = qw.group_scale
+    if steps == "float16":
+        gs = group_steps(gs, bits, num_groups(qw.k, group_size), torch.float16)
+    a = kernels.dequantize_codes(qw.packed, qw.zero, bits, qw.shape, dtype, gs, group_size)
+    ref = integer_weight(qw.packed, qw.zero, bits, qw.shape, dtype, gs, group_size)
     assert a.dtype == dtype and a.shape == tuple(shape)
     # fp32: S * (Q - z) exactly; fp16: the torch path rounds (Q - z) and S's product in fp16 the same way
     torch.testing.assert_close(a, ref, rtol=1e-3 if dtype == torch.float16 else 0, atol=0)

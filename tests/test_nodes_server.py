@@ -262,6 +262,6 @@ def test_full_size_sd15_unet_loads_through_the_stock_loader_and_quantizes(comfy_
     assert m, text
     assert int(m[1]) == 282  # every Linear and Conv2d of SD1.5
     after = int(m[4].replace(",", ""))
-    # The default W4 (groups of 32: an fp16 step and a 4-bit zero point per group) against issue 17's limit, 0.30x
-    # the fp16 bytes (0.15x float32); per-channel W4 is 0.129x. The time is benchmarked.
+    # The default W4 (groups of 16, each with a 4-bit step code and a 4-bit zero point: 4.5 bits per weight) against
+    # issue 17's limit, 0.30x the fp16 bytes (0.15x float32); per-channel W4 is 0.129x. The time is benchmarked.
     assert after <= 0.30 * 2 * SD15_UNET_PARAMS, text

@@ -1,4 +1,6 @@
-"""Activation checkpointing of a model's top-level blocks, for the duration of a training run."""
+"""Activation checkpointing of a model's top-level blocks, for the duration of a training run; and, with
+or without it, residual adds written `x += y` done out of place (out_of_place.py), which models such as
+ComfyUI 0.8's Flux need for correct gradients."""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -8,6 +10,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from .model import release_freed_memory
+from .out_of_place import augmented_assignment_out_of_place
 
 
 def _has_params(m: nn.Module) -> bool:
@@ -26,26 +29,53 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
+class InPlaceInputError(RuntimeError):
+    """A checkpointed block changed one of its input tensors in place: its recompute would start from the
+    changed values and the gradients would be wrong, so the step stops instead."""
+
+
+def _versions(values) -> list[tuple[torch.Tensor, int]]:
+    # Inference tensors have no version counter (and cannot be changed outside inference mode anyway).
+    return [(a, a._version) for a in values if isinstance(a, torch.Tensor) and not a.is_inference()]
+
+
 @contextmanager
 def checkpointed(model: nn.Module, enabled: bool = True) -> Iterator[int]:
-    """Recompute each block's activations in backward instead of storing them. The blocks' forwards
-    are patched on the instances and restored on exit, whatever happens inside."""
-    if not enabled:
-        yield 0
-        return
+    """Recompute each block's activations in backward instead of storing them (`enabled`); in both cases
+    `x += y` on activations is out of place while inside. The blocks' forwards are patched on the
+    instances and restored on exit, whatever happens inside."""
+    with augmented_assignment_out_of_place():
+        if not enabled:
+            yield 0
+            return
+        with _checkpointed_blocks(model) as count:
+            yield count
+
+
+@contextmanager
+def _checkpointed_blocks(model: nn.Module) -> Iterator[int]:
     patched = []
     for block in _blocks(model):
         before = block.__dict__.get("forward")
         original = block.forward
 
-        def run(*args, _original=original, **kwargs):
+        def run(*args, _original=original, _block=block, **kwargs):
             # Runs in the forward and again when backward recomputes the block. On the CPU, the block
             # before has just freed its activations and weight slices, and glibc would keep those heap
             # holes resident while long-lived small blocks (autograd nodes, saved inputs, gradients)
             # pin them: a W4 SD1.5 step at 32x32 peaked about 150 MB higher, for some 9% of step time.
             if any(isinstance(a, torch.Tensor) and a.device.type == "cpu" for a in (*args, *kwargs.values())):
                 release_freed_memory()
-            return _original(*args, **kwargs)
+            before = _versions((*args, *kwargs.values()))
+            out = _original(*args, **kwargs)
+            # `+=` is out of place here; an explicit in-place call (x.add_(y)) on an input is not, and the
+            # checkpoint keeps that very tensor to recompute from: say so rather than train on wrong gradients.
+            changed = [i for i, (a, v) in enumerate(before) if a._version != v]
+            if changed and torch.is_grad_enabled():
+                raise InPlaceInputError(
+                    f"{type(_block).__name__} changes its input tensor(s) {changed} in place, which activation "
+                    "checkpointing cannot recompute; train with gradient checkpointing off")
+            return out
 
         def forward(*args, _run=run, **kwargs):
             return torch.utils.checkpoint.checkpoint(_run, *args, use_reentrant=False, **kwargs)

@@ -3,12 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .quant import check_bits, check_group_size
+from .quant import check_bits, check_group_size, default_group_size
 
 S_IN_INITS = ("ones", "normal")
-# Measured (README, "Group-wise base steps"): groups of 32 input values, each with its own step and zero
-# point refined by least squares, is the setting that beats GGUF's Q4_0 at a smaller file.
-DEFAULT_GROUP_SIZE = 32
 
 
 @dataclass(frozen=True)
@@ -19,7 +16,8 @@ class TuneQDMConfig:
     s_in_init: 'ones' (the reference code) or 'normal' (s_in ~ N(1, s_in_sigma), the paper's summary).
     keep_float: glob patterns of layer names left in float (e.g. '*conv_out*').
     group_size: base steps per group of this many input values (frozen, under the trainable s_out and
-        s_in), 0 = one step per output channel (the form before groups existed).
+        s_in), 0 = one step per output channel (the form before groups existed); None = the measured
+        default for `bits` (quant.default_group_size: 16 at up to 4 bits, 32 above).
     minimize_error: refine each group's step and zero point by least squares (data-free); False gives
         round-to-nearest from each group's min/max. Per-channel quantization is always round-to-nearest.
     """
@@ -31,18 +29,19 @@ class TuneQDMConfig:
     s_in_sigma: float = 0.01
     seed: int = 0
     keep_float: tuple[str, ...] = ()
-    group_size: int = DEFAULT_GROUP_SIZE
+    group_size: int | None = None
     minimize_error: bool = True
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
-        object.__setattr__(self, "group_size", check_group_size(self.group_size))
+        g = default_group_size(self.bits) if self.group_size is None else check_group_size(self.group_size)
+        object.__setattr__(self, "group_size", g)
         if not 1 <= self.experts <= 64:
             raise ValueError(f"experts must be 1..64, got {self.experts}")
         if self.s_in_init not in S_IN_INITS:
             raise ValueError(f"s_in_init must be one of {S_IN_INITS}, got {self.s_in_init!r}")
 
     @classmethod
-    def peqa(cls, bits: int = 4, group_size: int = DEFAULT_GROUP_SIZE) -> "TuneQDMConfig":
+    def peqa(cls, bits: int = 4, group_size: int | None = None) -> "TuneQDMConfig":
         """The baseline: one expert, s_out only."""
         return cls(bits=bits, experts=1, train_s_in=False, group_size=group_size)

@@ -28,13 +28,14 @@ from torch import nn
 from .config import TuneQDMConfig
 from .errors import FileFormatError, ModelMismatchError
 from .model import (build_quantized_skeleton, file_state_dict, fingerprint, layer_spec, model_config,
-                    quantized_layers, specs_grouped)
+                    quantized_layers, specs_coded, specs_grouped)
 from .scales import ScaleSet, check_compatible
 
 FORMAT_VERSION = "1"  # sha256 over the tensors only: the embedded default model's files (digits/files.py)
 METADATA_HASH_VERSION = "2"  # sha256 over tensors and metadata: what scales and quantized-model files are written in
 GROUPED_VERSION = "3"  # as 2, and layers may be group-wise (a `group_size` in their spec): older readers refuse it
-READABLE_VERSIONS = (FORMAT_VERSION, METADATA_HASH_VERSION, GROUPED_VERSION)
+CODED_VERSION = "4"  # as 3, and group steps may be step codes (`group_steps` in a spec): older readers refuse it
+READABLE_VERSIONS = (FORMAT_VERSION, METADATA_HASH_VERSION, GROUPED_VERSION, CODED_VERSION)
 SHA_KEY = "tuneqdm.sha256"
 INFO_PREFIX = "tuneqdm.train."  # ScaleSet.info entries (training provenance) in a scales file
 MAX_NAME_BYTES = 255  # the longest file name the usual file systems (ext4, APFS, NTFS) accept
@@ -138,12 +139,21 @@ def _read(path: str | os.PathLike, expected_format: str) -> tuple[FileHeader, di
     return header, tensors
 
 
+def _version(fmt: str, layers: dict) -> str:
+    """The oldest version whose readers understand the file (scales files never changed since 2)."""
+    if fmt != MODEL_FORMAT:
+        return METADATA_HASH_VERSION
+    if specs_coded(layers):
+        return CODED_VERSION
+    return GROUPED_VERSION if specs_grouped(layers) else METADATA_HASH_VERSION
+
+
 def _metadata(fmt: str, cfg: TuneQDMConfig, fp: str, layers: dict, tensors: dict[str, torch.Tensor],
               extra: dict[str, str] | None) -> dict[str, str]:
     meta = dict(extra or {})
     meta.update({
         "tuneqdm.format": fmt, "tuneqdm.bits": str(cfg.bits),
-        "tuneqdm.version": GROUPED_VERSION if fmt == MODEL_FORMAT and specs_grouped(layers) else METADATA_HASH_VERSION,
+        "tuneqdm.version": _version(fmt, layers),
         "tuneqdm.experts": str(cfg.experts), "tuneqdm.train_s_in": "1" if cfg.train_s_in else "0",
         "tuneqdm.fingerprint": fp, "tuneqdm.layers": json.dumps(layers, separators=(",", ":")),
     })

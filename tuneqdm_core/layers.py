@@ -2,7 +2,8 @@
 
 Buffers (frozen): `qweight` packed integer codes, `zero` zero points, `base_scale` the step s0 per
 output channel, and, for group-wise layers (`group_size` > 0), `group_scale`: each group's step
-relative to s0 (float16), with `zero` then one code per group, packed like the codes. Parameters: `s_out` (N, out) and `s_in` (N, in), one row per timestep expert, plus a frozen
+relative to s0 as a step code (quant.py; float16 in layers read from older files), with `zero` and
+`group_scale` then one code per group each, packed like the codes. Parameters: `s_out` (N, out) and `s_in` (N, in), one row per timestep expert, plus a frozen
 float `bias`. The dequantized weight of expert e is diag(s_out[e]) (Q - z) diag(s_in[e]), or
 diag(s_out[e]) (S * (Q - z)) diag(s_in[e]) group-wise; it is never built (see functional.py).
 """
@@ -37,7 +38,8 @@ class QuantLayer(nn.Module):
     comfy_cast_weights = False
 
     def _init_quant(self, out_channels: int, in_channels: int, k: int, bits: int, experts: int,
-                    train_s_in: bool, has_bias: bool, device=None, group_size: int = 0) -> None:
+                    train_s_in: bool, has_bias: bool, device=None, group_size: int = 0,
+                    step_codes: bool = True) -> None:
         self.bits = check_bits(bits)
         self.group_size = check_group_size(group_size)
         if experts < 1:
@@ -54,7 +56,11 @@ class QuantLayer(nn.Module):
             groups = num_groups(k, self.group_size)
             self.register_buffer("zero", torch.zeros(out_channels, packed_width(groups, bits), dtype=torch.uint8,
                                                      device=device))
-            self.register_buffer("group_scale", torch.ones(out_channels, groups, dtype=torch.float16, device=device))
+            if step_codes:
+                steps = torch.zeros(out_channels, packed_width(groups, bits), dtype=torch.uint8, device=device)
+            else:  # the float16 relative steps of files written before step codes
+                steps = torch.ones(out_channels, groups, dtype=torch.float16, device=device)
+            self.register_buffer("group_scale", steps)
         else:
             self.register_buffer("zero", torch.zeros(out_channels, dtype=torch.uint8, device=device))
             self.group_scale = None  # not a buffer: per-channel state dicts (and files) are as they always were
@@ -71,6 +77,9 @@ class QuantLayer(nn.Module):
                 raise ValueError(f"quantized with group size {qw.group_size}, the layer has {self.group_size}")
             self.zero.copy_(qw.zero)
             if self.group_scale is not None:
+                if qw.group_scale.dtype != self.group_scale.dtype or qw.group_scale.shape != self.group_scale.shape:
+                    raise ValueError(f"group steps {qw.group_scale.dtype} {tuple(qw.group_scale.shape)} do not fit "
+                                     f"the layer's {self.group_scale.dtype} {tuple(self.group_scale.shape)}")
                 self.group_scale.copy_(qw.group_scale)
             self.base_scale.copy_(qw.scale)
             self.s_out.copy_(qw.scale.expand_as(self.s_out))
@@ -140,12 +149,14 @@ class QuantLayer(nn.Module):
 
 class QuantLinear(QuantLayer):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, bits: int = 4,
-                 experts: int = 1, train_s_in: bool = True, device=None, group_size: int = 0) -> None:
+                 experts: int = 1, train_s_in: bool = True, device=None, group_size: int = 0,
+                 step_codes: bool = True) -> None:
         super().__init__()
         self.in_channels = self.in_features = in_features
         self.out_channels = self.out_features = out_features
         self.weight_shape = (out_features, in_features)
-        self._init_quant(out_features, in_features, in_features, bits, experts, train_s_in, bias, device, group_size)
+        self._init_quant(out_features, in_features, in_features, bits, experts, train_s_in, bias, device, group_size,
+                         step_codes)
 
     @classmethod
     def from_float(cls, layer: nn.Linear, *, bits: int, experts: int, train_s_in: bool = True,
@@ -175,7 +186,8 @@ class QuantLinear(QuantLayer):
 class QuantConv2d(QuantLayer):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", *, bits: int = 4,
-                 experts: int = 1, train_s_in: bool = True, device=None, group_size: int = 0) -> None:
+                 experts: int = 1, train_s_in: bool = True, device=None, group_size: int = 0,
+                 step_codes: bool = True) -> None:
         super().__init__()
         pair = nn.modules.utils._pair
         self.in_channels, self.out_channels = in_channels, out_channels
@@ -185,7 +197,7 @@ class QuantConv2d(QuantLayer):
         self.padding, self.groups, self.padding_mode = pair(padding), groups, padding_mode
         self.weight_shape = (out_channels, in_channels // groups, *self.kernel_size)
         k = (in_channels // groups) * self.kernel_size[0] * self.kernel_size[1]
-        self._init_quant(out_channels, in_channels, k, bits, experts, train_s_in, bias, device, group_size)
+        self._init_quant(out_channels, in_channels, k, bits, experts, train_s_in, bias, device, group_size, step_codes)
 
     @classmethod
     def from_float(cls, layer: nn.Conv2d, *, bits: int, experts: int, train_s_in: bool = True,

@@ -302,6 +302,8 @@ def layer_spec(layer: QuantLayer) -> dict:
                 "bias": layer.bias is not None}
     if layer.group_size:  # per-channel specs stay as they were (files without the key are per-channel)
         spec["group_size"] = layer.group_size
+        if layer.group_scale.dtype == torch.uint8:  # without the key: the float16 steps of older files
+            spec["group_steps"] = "codes"
     return spec
 
 
@@ -310,11 +312,16 @@ def specs_grouped(layers: dict[str, dict]) -> bool:
     return any(spec.get("group_size", 0) for spec in layers.values())
 
 
+def specs_coded(layers: dict[str, dict]) -> bool:
+    """Whether any layer spec of a file has step codes (such files need a reader that knows them)."""
+    return any(spec.get("group_steps") == "codes" for spec in layers.values())
+
+
 def make_empty_layer(spec: dict, config: TuneQDMConfig, device=None) -> QuantLayer:
-    """An empty layer for `spec`; its group size is the spec's (absent: per channel, the files written
-    before groups existed), never the config's."""
+    """An empty layer for `spec`; its group size and step storage are the spec's (absent: per channel, the
+    files written before groups existed; float16 steps, those written before step codes), never the config's."""
     common = dict(bits=config.bits, experts=config.experts, train_s_in=config.train_s_in, device=device,
-                  group_size=int(spec.get("group_size", 0)))
+                  group_size=int(spec.get("group_size", 0)), step_codes=spec.get("group_steps") == "codes")
     if spec["kind"] == "linear":
         return QuantLinear(spec["in"], spec["out"], spec["bias"], **common)
     return QuantConv2d(spec["in"], spec["out"], tuple(spec["kernel"]), tuple(spec["stride"]),

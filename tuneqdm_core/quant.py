@@ -12,8 +12,12 @@ divide leaves a shorter last group. Each group has its own step and zero point:
     W[n, k] = s0[n] * S[n, k // g] * (Q[n, k] - z[n, k // g])
 
 s0 (`scale`, float32 per output channel) is the largest group step of the channel, the init of the
-trainable s_out; S (`group_scale`, float16, in (0, 1]) the group's step relative to it; z (uint8) a
-code. Per-channel (g = 0) is the original form: S = 1 and one z per channel.
+trainable s_out; S = c / L the group's step relative to it, coded as an integer c in 1..L stored in the
+same cell as a zero point (L = 15 at up to 4 bits, two codes per byte; L = 255 above); z a code.
+So a W4 group of 16 costs one byte beyond its codes, a W8 group of 32 two bytes: 4.5 and 8.5 bits per
+weight, GGUF's Q4_0 and Q8_0 sizes. Files written before step codes existed hold S as float16
+(`group_scale` of dtype float16); they still load and compute as written. Per-channel (g = 0) is the
+original form: S = 1 and one z per channel.
 """
 from __future__ import annotations
 
@@ -22,7 +26,6 @@ from dataclasses import dataclass
 import torch
 
 SUPPORTED_BITS = range(2, 9)
-GROUP_SIZES = (32, 64, 128)  # the sizes the nodes offer; any integer MIN_GROUP..MAX_GROUP is accepted here
 MIN_GROUP, MAX_GROUP = 8, 4096
 REFINE_ITERATIONS = 2  # least-squares refits of each group's step and zero (measured: 2 get most of 6)
 
@@ -38,6 +41,17 @@ def check_group_size(group_size) -> int:
         raise ValueError(f"group_size must be 0 (per output channel) or an integer from {MIN_GROUP} to "
                          f"{MAX_GROUP}, got {group_size!r}")
     return g
+
+
+def default_group_size(bits: int) -> int:
+    """The measured default (README, "Fidelity"): groups of 16 at up to 4 bits (one byte per group for step
+    and zero: Q4_0's 4.5 bits per weight, 0.8x its latent distance), 32 above (8.5 bits, Q8_0's size)."""
+    return 16 if check_bits(bits) <= 4 else 32
+
+
+def step_levels(bits: int) -> int:
+    """L, the largest step code: a code fills a zero point's cell (a nibble at up to 4 bits, else a byte)."""
+    return 15 if check_bits(bits) <= 4 else 255
 
 
 def num_groups(k: int, group_size: int) -> int:
@@ -78,8 +92,9 @@ def unpack(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
 class QuantizedWeight:
     """Packed integer codes of one weight plus what is needed to read them back.
 
-    Dequantized value: scale * group_scale * (unpack(packed) - zero), per output channel (group_size 0:
-    zero (out,), no group_scale) or per group of the input dimension (zero and group_scale (out, G)).
+    Dequantized value: scale * S * (unpack(packed) - zero), per output channel (group_size 0: zero (out,),
+    no group_scale, S = 1) or per group of the input dimension (zero and group_scale one code per group,
+    packed like the codes; S = `group_steps`).
     """
 
     packed: torch.Tensor  # uint8 (out, packed_width)
@@ -87,7 +102,7 @@ class QuantizedWeight:
     scale: torch.Tensor  # float32 (out,), the base step s0 (largest group step of the channel)
     shape: tuple[int, ...]
     bits: int
-    group_scale: torch.Tensor | None = None  # float16 (out, G) in (0, 1]: each group's step / s0
+    group_scale: torch.Tensor | None = None  # uint8 step codes, packed like `zero` (older files: float16 (out, G))
     group_size: int = 0
 
     @property
@@ -105,8 +120,10 @@ def quantize_weight(weight: torch.Tensor, bits: int, group_size: int = 0, minimi
     The range is widened to include 0 so that the zero point is itself a b-bit code (stored in one
     byte) and an exact zero stays exact; trained weights straddle zero, so this rarely widens a
     channel. Per channel, the dequantized value then equals scale * round(w / scale): error at most
-    half a step. Group-wise with `minimize`, each group's step and zero start from min/max and are
-    refitted by least squares (`minimize_groups`): lower squared error, no longer a half-step bound.
+    half a step. Group-wise, each group's step and zero start from min/max; with `minimize` they are
+    refitted by least squares (`minimize_groups`) and the step code is the better of the two around the
+    fitted step (`_code_steps`): lower squared error, no longer a half-step bound. Without, the code is
+    the one just above the min/max step, so that no value is clipped.
     """
     check_bits(bits)
     group_size = check_group_size(group_size)
@@ -130,6 +147,26 @@ def quantize_weight(weight: torch.Tensor, bits: int, group_size: int = 0, minimi
     )
 
 
+def _group_sum(x: torch.Tensor) -> torch.Tensor:
+    """(rows, G, g) -> (rows, G) sums over each group. A matrix-vector product with ones: torch's CPU
+    reductions over an inner dimension of 16 or 32 run many times slower than this."""
+    ones = torch.ones(x.shape[-1], dtype=x.dtype, device=x.device)
+    return torch.matmul(x, ones)
+
+
+def _group_range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(min, max) of each group of x (rows, G, g), by halving the group (elementwise maxima of its two
+    halves, as long as g is even): for the same reason as `_group_sum`."""
+    lo = hi = x
+    while hi.shape[-1] % 2 == 0 and hi.shape[-1] > 1:
+        half = hi.shape[-1] // 2
+        lo = torch.minimum(lo[..., :half], lo[..., half:])
+        hi = torch.maximum(hi[..., :half], hi[..., half:])
+    if hi.shape[-1] == 1:
+        return lo[..., 0], hi[..., 0]
+    return lo.amin(dim=-1), hi.amax(dim=-1)
+
+
 def minimize_groups(w: torch.Tensor, bits: int, iterations: int = REFINE_ITERATIONS
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Data-free error minimization of each group's (step, zero point), w (rows, G, g) float32.
@@ -145,22 +182,23 @@ def minimize_groups(w: torch.Tensor, bits: int, iterations: int = REFINE_ITERATI
     """
     qmax = float(2**bits - 1)
     n = w.shape[-1]
-    lo, hi = torch.aminmax(w, dim=-1)
-    lo.clamp_(max=0.0)
-    hi.clamp_(min=0.0)
+    lo, hi = _group_range(w)
+    lo = lo.clamp(max=0.0)
+    hi = hi.clamp(min=0.0)
     step = (hi - lo) / qmax
     step = torch.where(step > 0, step, torch.ones_like(step))
     zero = torch.round(-lo / step).clamp_(0, qmax)
     if iterations == 0:
         return torch.where(hi > lo, step, 0.0), zero
-    sw = w.sum(-1)
+    sw = _group_sum(w)
     q = torch.empty_like(w)
+    prod = torch.empty_like(w)
     for _ in range(iterations):
         torch.mul(w, (1.0 / step)[..., None], out=q)
         q.add_(zero[..., None]).round_().clamp_(0, qmax)
-        sq = q.sum(-1)
-        sqq = torch.linalg.vecdot(q, q)
-        swq = torch.linalg.vecdot(w, q)
+        sq = _group_sum(q)
+        sqq = _group_sum(torch.mul(q, q, out=prod))
+        swq = _group_sum(torch.mul(w, q, out=prod))
         # sums of a = q - z
         sa = sq - n * zero
         saa = sqq - 2 * zero * sq + n * zero * zero
@@ -197,46 +235,80 @@ def _groups_of(w: torch.Tensor, group_size: int) -> list[torch.Tensor]:
     return parts
 
 
+def _code_steps(parts: list[torch.Tensor], step: torch.Tensor, zero: torch.Tensor, base: torch.Tensor,
+                bits: int, minimize: bool) -> torch.Tensor:
+    """Step codes (rows, G) in 1..L for the fitted steps `step` (rows, G) and zero points (rows, G) under
+    the channel bases `base` (rows,). A coded step is a little off the fitted one, and one below it clips
+    the group's extremes; so with `minimize` each group keeps the better of the nearest code and the one
+    above it, each with its own nearest codes (measured on Gaussian and Student-t weights: most of what a
+    wider search finds), else it takes the code above (never clips)."""
+    levels = step_levels(bits)
+    qmax = float(2**bits - 1)
+    ratio = step / base[:, None] * levels
+    if not minimize:
+        return ratio.ceil_().clamp_(1, levels)
+    near = ratio.round_().clamp_(1, levels)
+    candidates = (near, (near + 1).clamp_(max=levels))
+    errors = []
+    for code in candidates:
+        err, col = [], 0
+        for part in parts:
+            g = slice(col, col + part.shape[1])
+            s = (code[:, g] * (base[:, None] / levels))[..., None]
+            z = zero[:, g][..., None]
+            d = torch.div(part, s).add_(z).round_().clamp_(0, qmax).sub_(z).mul_(s).sub_(part)
+            err.append(_group_sum(d.mul_(d)))
+            col += part.shape[1]
+        errors.append(torch.cat(err, dim=1))
+    return torch.where(errors[1] < errors[0], candidates[1], candidates[0])
+
+
 def _quantize_grouped(weight: torch.Tensor, bits: int, group_size: int, minimize: bool) -> QuantizedWeight:
     qmax = 2**bits - 1
+    levels = step_levels(bits)
     w = weight.detach().reshape(weight.shape[0], -1).float()
     out, k = w.shape
     groups = num_groups(k, group_size)
-    step = torch.ones(out, groups, dtype=torch.float32, device=w.device)
+    code = torch.ones(out, groups, dtype=torch.float32, device=w.device)
     zero = torch.zeros(out, groups, dtype=torch.float32, device=w.device)
+    base = torch.ones(out, dtype=torch.float32, device=w.device)
     q = torch.zeros(out, k, dtype=torch.uint8, device=w.device)
     rows = max(1, CHUNK_ELEMENTS // max(k, 1))
     iterations = REFINE_ITERATIONS if minimize else 0
+    # Chunks hold whole rows, so a channel's base (its largest group step) is known inside its chunk.
     for r0 in range(0, out, rows):
         sl = slice(r0, r0 + rows)
+        parts = _groups_of(w[sl], group_size)
+        fitted = [minimize_groups(part, bits, iterations) for part in parts]
+        step = torch.cat([st for st, _ in fitted], dim=1)
+        zero[sl] = torch.cat([zr for _, zr in fitted], dim=1)
+        # An all-zero group (step 0 from minimize_groups) has no range: any step reproduces it, so it leaves
+        # the base to the groups that have one.
+        top = step.amax(dim=1)
+        base[sl] = torch.where(top > 0, top, torch.ones_like(top))
+        code[sl] = _code_steps(parts, step, zero[sl], base[sl], bits, minimize)
         col = 0
-        for part in _groups_of(w[sl], group_size):
-            st, zr = minimize_groups(part, bits, iterations)
-            step[sl, col:col + part.shape[1]] = st
-            zero[sl, col:col + part.shape[1]] = zr
-            col += part.shape[1]
-    # An all-zero group (step 0 from minimize_groups) has no range: any step reproduces it, so it takes
-    # S = 1 and leaves s0 to the groups that have one.
-    base = step.amax(dim=1)
-    base = torch.where(base > 0, base, torch.ones_like(base))
-    # The relative steps are stored in fp16: the codes are computed with the step as stored.
-    rel = torch.where(step > 0, step / base[:, None], 1.0).clamp_(min=2.0**-24, max=1.0).half()
-    inv = 1.0 / (rel.float() * base[:, None])
-    for r0 in range(0, out, rows):
-        sl = slice(r0, r0 + rows)
-        col = 0
-        for part, dst in zip(_groups_of(w[sl], group_size), _groups_of(q[sl], group_size)):
+        for part, dst in zip(parts, _groups_of(q[sl], group_size)):
             g = slice(col, col + part.shape[1])
-            t = torch.mul(part, inv[sl, g][..., None]).add_(zero[sl, g][..., None]).round_().clamp_(0, qmax)
-            dst.copy_(t)
+            s = (code[sl, g] * (base[sl, None] / levels))[..., None]
+            dst.copy_(torch.div(part, s).add_(zero[sl, g][..., None]).round_().clamp_(0, qmax))
             col += part.shape[1]
-    return QuantizedWeight(packed=pack(q, bits), zero=pack(zero, bits) if bits <= 4 else zero.to(torch.uint8),
-                           scale=base, shape=tuple(weight.shape), bits=bits, group_scale=rel, group_size=group_size)
+    return QuantizedWeight(packed=pack(q, bits), zero=pack(zero, bits), scale=base, shape=tuple(weight.shape),
+                           bits=bits, group_scale=pack(code, bits), group_size=group_size)
 
 
 def group_zeros(zero: torch.Tensor, bits: int, groups: int) -> torch.Tensor:
     """Stored group zero points -> (out, G) uint8 codes: at up to 4 bits they are packed like the codes."""
     return unpack(zero, bits, groups) if bits <= 4 else zero
+
+
+def group_steps(group_scale: torch.Tensor, bits: int, groups: int, dtype: torch.dtype = torch.float32
+                ) -> torch.Tensor:
+    """Stored group steps -> S (out, G) as `dtype`: step codes c / L, or the float16 S of older files."""
+    if group_scale.dtype != torch.uint8:
+        return group_scale.to(dtype)
+    codes = unpack(group_scale, bits, groups) if bits <= 4 else group_scale
+    return codes.to(dtype) / step_levels(bits)
 
 
 def zero_width(groups: int, bits: int, group_size: int) -> int:
@@ -267,16 +339,18 @@ def integer_weight(packed: torch.Tensor, zero: torch.Tensor, bits: int, shape: t
     if group_scale is None:
         a -= zero.to(dtype).reshape(out, -1)[:, :1]
         return a.reshape(shape)
-    zero = group_zeros(zero, bits, num_groups(k, group_size))
+    groups = num_groups(k, group_size)
+    zero = group_zeros(zero, bits, groups)
+    steps = group_steps(group_scale, bits, groups, dtype)
     full, tail = divmod(k, group_size)
     if full:
         body = a[:, :full * group_size].view(out, full, group_size)
         body -= zero[:, :full].to(dtype)[..., None]
-        body *= group_scale[:, :full].to(dtype)[..., None]
+        body *= steps[:, :full, None]
     if tail:
         rest = a[:, full * group_size:]
         rest -= zero[:, full:].to(dtype)
-        rest *= group_scale[:, full:].to(dtype)
+        rest *= steps[:, full:]
     return a.reshape(shape)
 
 

@@ -7,6 +7,11 @@ conditioning; each group runs forward and backward inside its own routing contex
 checkpointing recomputes forwards during backward, which must see the same experts). With gradient
 accumulation a step sums the gradients of several such batches. Only the experts that some sample
 used are updated (ExpertAdamW); gradients are clipped over all scales.
+
+Data-parallel training (tuneqdm_train) comes in through two optional arguments: `generators`, the seed
+streams a batch is drawn from (one per rank, or several in one process to reproduce a multi-rank run),
+and `sync`, which combines each step's gradients, experts used and loss with the other ranks' before
+clipping, so every rank takes the same optimizer step.
 """
 from __future__ import annotations
 
@@ -25,6 +30,10 @@ from .scales import ScaleSet, trainable
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 """(x0 latents (B, ...), timesteps (B,) on 0..999, conditioning index) -> per-sample loss (B,)."""
+GradientSync = Callable[[list[torch.Tensor], set[int], float], tuple[set[int], float]]
+"""(trainable scales holding this process's gradients: every layer's s_out in `start`'s order, then every
+s_in when they train; the experts it used; its step loss) -> (experts to update, step loss), the gradients
+replaced in place by the combined ones (e.g. all-reduced over ranks)."""
 
 
 @dataclass(frozen=True)
@@ -111,18 +120,24 @@ def _generator(seed: int, start_step: int) -> torch.Generator:
 def train_scales(model: nn.Module, start: ScaleSet, data: Sequence[SampleSet], loss_fn: LossFn,
                  config: TrainConfig, on_step: Callable[[int, float], None] | None = None,
                  should_stop: Callable[[], bool] | None = None,
-                 stop_exceptions: tuple[type[BaseException], ...] = (), start_step: int = 0) -> TrainResult:
+                 stop_exceptions: tuple[type[BaseException], ...] = (), start_step: int = 0,
+                 sync: GradientSync | None = None, generators: Sequence[torch.Generator] | None = None) -> TrainResult:
     """Train a copy of `start` on `data`; `model` (quantized) is only read. `on_step(step, loss)` after
     each step (progress); `should_stop()` before each step: True ends the run early, result marked
     partial. One of `stop_exceptions` raised inside a step (a host's interrupt) ends the run the same
     way: that step is dropped, the scales are those of the last complete step. `start_step` resumes a
     partial run: `start` holds its scales, steps start_step+1..config.steps are taken (the optimizer's
-    moments start afresh: scales files do not hold them)."""
+    moments start afresh: scales files do not hold them). `generators`: the seed streams each batch is
+    drawn from, config.batch_size / len(generators) samples from each (default: one stream from
+    config.seed). `sync`: see GradientSync; called once per step, after its batches, before clipping."""
     if not data:
         raise ValueError("no training images")
     if not 0 <= start_step < config.steps:
         raise ValueError(f"cannot resume at step {start_step} of a {config.steps}-step run: "
                          f"steps must be more than the {start_step} already done")
+    if generators is not None and (not generators or config.batch_size % len(generators)):
+        raise ValueError(f"batch size {config.batch_size} cannot be split evenly over "
+                         f"{len(generators or ())} sample streams")
     router = get_router(model)
     scales = trainable(start, config.train_s_in)
     groups = [dict(params=[o for o, _ in scales.tensors.values()], lr=config.lr_s_out)]
@@ -130,7 +145,7 @@ def train_scales(model: nn.Module, start: ScaleSet, data: Sequence[SampleSet], l
         groups.append(dict(params=[i for _, i in scales.tensors.values()], lr=config.lr_s_in))
     opt = ExpertAdamW(groups, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay)
     params = [p for g in groups for p in g["params"]]
-    gen = _generator(config.seed, start_step)
+    gens = list(generators) if generators is not None else [_generator(config.seed, start_step)]
     instance = _subjects([s for s in data if not s.prior])
     prior = _subjects([s for s in data if s.prior])
     history: list[tuple[int, int, float]] = []
@@ -146,11 +161,14 @@ def train_scales(model: nn.Module, start: ScaleSet, data: Sequence[SampleSet], l
             total, used, records = 0.0, set(), []
             try:
                 for _ in range(config.grad_accumulation_steps):
-                    loss, experts, batch = _batch_gradients(router, scales, instance, prior, loss_fn, config, gen,
+                    loss, experts, batch = _batch_gradients(router, scales, instance, prior, loss_fn, config, gens,
                                                             step, steps_done, history)
                     total += loss
                     used |= experts
                     records += batch
+                if sync is not None:
+                    # Inside the try: a stop raised while waiting for the other ranks drops this step too.
+                    used, total = sync(params, used, total)
             except stop_exceptions:
                 partial = True
                 break
@@ -173,24 +191,31 @@ def _subjects(sets: list[SampleSet]) -> list[list[SampleSet]]:
 
 
 def _batch_gradients(router, scales: ScaleSet, instance: list[list[SampleSet]], prior: list[list[SampleSet]],
-                     loss_fn: LossFn, config: TrainConfig, gen: torch.Generator, step: int,
+                     loss_fn: LossFn, config: TrainConfig, gens: list[torch.Generator], step: int,
                      steps_done: int, history: list) -> tuple[float, set[int], list[tuple[int, int, float]]]:
     """Forward and backward of one batch: its loss (a share of the step's mean), the experts used, per-sample records."""
     used: set[int] = set()
     records: list[tuple[int, int, float]] = []
     total = 0.0
     share = config.batch_size * config.grad_accumulation_steps  # the step's loss is the mean over all its samples
+    per_stream = config.batch_size // len(gens)
     for kind, weight in ((instance, 1.0), (prior, config.prior_weight)):
         if not kind:
             continue
         # Each sample picks a subject and then an image, so two subjects are trained equally however many
-        # images each has.
-        picks = torch.randint(len(kind), (config.batch_size,), generator=gen).tolist()
-        for subject in sorted(set(picks)):
+        # images each has. Every stream draws its share in turn; a subject's draws from all streams then
+        # run as one batch (with one stream: the order of draws and forwards of a plain run).
+        drawn: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for gen in gens:
+            picks = torch.randint(len(kind), (per_stream,), generator=gen).tolist()
+            for subject in sorted(set(picks)):
+                n = picks.count(subject)
+                flat = torch.randint(sum(s.latents.shape[0] for s in kind[subject]), (n,), generator=gen)
+                drawn.setdefault(subject, []).append((flat, torch.rand(n, generator=gen) * 1000.0))
+        for subject in sorted(drawn):
             sets = kind[subject]
-            n = picks.count(subject)
-            flat = torch.randint(sum(s.latents.shape[0] for s in sets), (n,), generator=gen)
-            t = torch.rand(n, generator=gen) * 1000.0
+            flat = torch.cat([f for f, _ in drawn[subject]])
+            t = torch.cat([ts for _, ts in drawn[subject]])
             for s, idx, ts in _split(sets, flat, t):
                 experts = expert_of_timestep(ts, router.num_experts)
                 with router.route(experts=experts, scales=scales.tensors):

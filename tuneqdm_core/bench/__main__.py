@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "peers": ("tuneqdm_core.bench.peers", "each graph in its own ComfyUI server: peak memory against ComfyUI's tools"),
     "lora": ("tuneqdm_core.bench.lora", "one W4 SD 1.5 UNet step with and without a rank-16 LoRA at call time"),
     "fidelity": ("tuneqdm_core.bench.fidelity", "latent distance to fp32 against ComfyUI-GGUF Q8_0/Q4_0, and accuracy on real weights"),
+    "families": ("tuneqdm_core.bench.families", "SDXL, SD3.5, Flux, Wan at full size: quantize time, bytes, steps, training peak"),
+    "distributed": ("tuneqdm_core.bench.distributed", "headless training under torchrun: bytes per step, step time 1 vs 2 processes"),
 }
 
 

@@ -44,7 +44,6 @@ GGUF_TARBALL = REPO.parent / "shared" / "hosts" / "comfyui-gguf-795e451.tar.gz"
 GGUF_FOLDER = "ComfyUI-GGUF"
 UNET = "sd15_full_fp16.safetensors"
 CKPT = "tiny_sd15.safetensors"
-DEFAULT_GROUP = 32
 
 
 @dataclass(frozen=True)
@@ -59,19 +58,21 @@ class Setting:
     # "all" = every Linear/Conv2d (GGUF rows: rows padded to whole blocks of 32); the ComfyUI part ignores it
 
 
+DEFAULT_W4 = "TuneQDM W4 g16 (default)"
+DEFAULT_W8 = "TuneQDM W8 g32 (default)"
 SETTINGS = [
     Setting("GGUF Q8_0", gguf="Q8_0"),
     Setting("GGUF Q4_0", gguf="Q4_0"),
     Setting("GGUF Q4_0, every layer", gguf="Q4_0", scope="all"),
-    Setting("TuneQDM W4 g32 (default), every layer", 4, 32, scope="all"),
+    Setting("TuneQDM W4 g16 (default), every layer", 4, 16, scope="all"),
     Setting("TuneQDM W8 per-channel", 8, 0),
-    Setting("TuneQDM W8 g32 (default)", 8, 32),
+    Setting(DEFAULT_W8, 8, 32),
     Setting("TuneQDM W8 g64", 8, 64),
     Setting("TuneQDM W4 per-channel", 4, 0),
-    Setting("TuneQDM W4 g32 (default)", 4, 32),
-    Setting("TuneQDM W4 g32, round-to-nearest (no minimization)", 4, 32, minimize=False),
+    Setting(DEFAULT_W4, 4, 16),
+    Setting("TuneQDM W4 g16, round-to-nearest (no minimization)", 4, 16, minimize=False),
+    Setting("TuneQDM W4 g32", 4, 32),
     Setting("TuneQDM W4 g64", 4, 64),
-    Setting("TuneQDM W4 g128", 4, 128),
 ]
 
 
@@ -228,9 +229,8 @@ def server_part(args: argparse.Namespace) -> list[dict]:
     rows = [("UNETLoader fp32", "unet", "default", None), ("UNETLoader weight dtype fp8_e4m3fn", "unet", "fp8_e4m3fn", None)]
     rows += [(s.name, "gguf", s.gguf, None) for s in SETTINGS if s.gguf and s.scope != "all"]
     rows += [(s.name, "file", s.name, None) for s in ours]
-    default_w4 = f"TuneQDM W4 g{DEFAULT_GROUP} (default)"
-    if default_w4 in made:
-        rows.append((f"{default_w4}, TUNEQDM_CPU_BF16=auto", "file", default_w4, {"TUNEQDM_CPU_BF16": "auto"}))
+    if DEFAULT_W4 in made:
+        rows.append((f"{DEFAULT_W4}, TUNEQDM_CPU_BF16=auto", "file", DEFAULT_W4, {"TUNEQDM_CPU_BF16": "auto"}))
     rows = [r for r in rows if r[0] == "UNETLoader fp32" or chosen(args, r[0])]
     results = []
     if args.reference is not None:  # the fp32 latent of an earlier run of the same graph
@@ -311,9 +311,8 @@ def _bits_per_weight(module: nn.Module, s: Setting) -> float:
         for d in layer.weight_shape:
             n *= d
         weights += n
-        total += sum(t.numel() * t.element_size() for t in (layer.qweight, layer.zero, layer.base_scale)) * 8
-        if layer.group_scale is not None:
-            total += layer.group_scale.numel() * 16
+        held = (layer.qweight, layer.zero, layer.base_scale, layer.group_scale)
+        total += sum(t.numel() * t.element_size() for t in held if t is not None) * 8
     return total / weights
 
 
@@ -380,7 +379,7 @@ def real_part(args: argparse.Namespace) -> dict:
 def targets(server_rows: list[dict]) -> list[str]:
     by = {r["row"]: r for r in server_rows}
     lines = []
-    w4, w8 = by.get(f"TuneQDM W4 g{DEFAULT_GROUP} (default)"), by.get(f"TuneQDM W8 g{DEFAULT_GROUP} (default)")
+    w4, w8 = by.get(DEFAULT_W4), by.get(DEFAULT_W8)
     q4, q8, fp = by.get("GGUF Q4_0"), by.get("GGUF Q8_0"), by.get("UNETLoader fp32")
     if w4 and q4:
         r = w4["latent_distance"] / q4["latent_distance"]

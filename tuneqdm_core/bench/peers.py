@@ -2,7 +2,8 @@
 ComfyUI server (the full-size SD1.5 UNet, random weights, fp16 file; CLIP and VAE from a checkpoint),
 and the figure is that server process's peak resident memory (VmHWM).
 
-    python -m tuneqdm_core.bench peers [--rows train|infer|all] [--steps 3] [--size 256] [--json]
+    python -m tuneqdm_core.bench peers [--rows train|infer|all] [--only TEXT ...] [--attention default|pytorch|both]
+                                       [--steps 3] [--size 256] [--json]
 
 Training rows: UNETLoader -> TrainLoraNode (rank 8 fp32, rank 8 bf16, rank 32 fp32) against the pack's
 UNETLoader -> Quantize UNet -> Train TuneQDM Scales (W4, W8), Load Quantized UNet (a W4 file) -> Train,
@@ -137,6 +138,23 @@ ROWS = [
 ]
 
 
+PYTORCH_ATTENTION = " (pytorch attention)"
+
+
+def _with_attention(rows: list[Row], attention: str) -> list[Row]:
+    """The inference rows under the chosen attention (training rows are unchanged)."""
+    out = []
+    for row in rows:
+        if row.kind == "infer" and attention in ("pytorch", "both"):
+            if attention == "both":
+                out.append(row)
+            out.append(Row(row.name + PYTORCH_ATTENTION, row.kind, row.build,
+                           row.server_args + ("--use-pytorch-cross-attention",)))
+        else:
+            out.append(row)
+    return out
+
+
 def _step_seconds(row: Row, entry: dict, log: str, steps: int) -> float | None:
     if row.kind != "train":
         return None
@@ -179,9 +197,14 @@ def _make_w4_file(files: dict) -> Path:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rows", choices=("train", "infer", "all"), default="all")
-    p.add_argument("--only", default="", help="run only the rows whose name contains this text")
+    p.add_argument("--only", action="append", default=[],
+                   help="run only the rows whose name contains this text (repeat for several; names hold commas)")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--size", type=int, default=256)
+    p.add_argument("--attention", choices=("default", "pytorch", "both"), default="default",
+                   help="inference rows: the host's own attention on this machine (on a CPU, ComfyUI's sub-quadratic "
+                        "attention), PyTorch's scaled-dot-product attention (--use-pytorch-cross-attention, "
+                        "ComfyUI's choice on NVIDIA GPUs), or each row under both")
     p.add_argument("--json", action="store_true")
 
 
@@ -189,7 +212,8 @@ def main(args: argparse.Namespace) -> int:
     unet = cached_sd15_unet(full_size=True)
     ckpt = write_tiny_sd15_checkpoint(asset_cache_dir() / CKPT)
     files = {"diffusion_models": (unet.path, UNET), "checkpoints": (ckpt.path, CKPT)}
-    rows = [r for r in ROWS if args.rows in ("all", r.kind) and args.only in r.name]
+    rows = [r for r in _with_attention(ROWS, args.attention)
+            if args.rows in ("all", r.kind) and (not args.only or any(t in r.name for t in args.only))]
     if any("W4 file" in r.name for r in rows):
         files["tuneqdm"] = (_make_w4_file(files), f"{W4_FILE}.safetensors")
     results = []
@@ -233,8 +257,10 @@ def _targets(by: dict) -> list[str]:
     w4 = "Load and Quantize W4 -> Train TuneQDM Scales"
     ratio(w4, lora, "peak_rss", 0.45, "loader W4 -> Train peak / UNETLoader -> TrainLoraNode fp32 peak")
     ratio(w4, lora, "step_s", 1.0, "loader W4 training step / fp32 LoRA step")
-    infer = "Load and Quantize W4 -> KSampler 512x512"
-    ratio(infer, "UNETLoader fp16 -> KSampler 512x512", "peak_rss", 0.6, "loader W4 inference peak / UNETLoader fp16")
-    ratio(infer, "UNETLoader default (fp32) -> KSampler 512x512", "peak_rss", 0.4,
-          "loader W4 inference peak / UNETLoader default (fp32)")
+    for attention in ("", PYTORCH_ATTENTION):
+        infer = "Load and Quantize W4 -> KSampler 512x512" + attention
+        ratio(infer, "UNETLoader fp16 -> KSampler 512x512" + attention, "peak_rss", 0.6,
+              f"loader W4 inference peak / UNETLoader fp16{attention}")
+        ratio(infer, "UNETLoader default (fp32) -> KSampler 512x512" + attention, "peak_rss", 0.4,
+              f"loader W4 inference peak / UNETLoader default (fp32){attention}")
     return lines
