@@ -85,6 +85,15 @@ def import_comfy() -> Any:
     return host_import_comfy()
 
 
+def import_pack() -> Any:
+    """The pack imported as ComfyUI imports it (package `tuneqdm_pack`, whose `nodes` import ComfyUI), after
+    `import_comfy`: the headless trainer's own loader, so tests and trainer share one copy of its classes."""
+    import_comfy()
+    from tuneqdm_train.sources import pack
+
+    return pack()
+
+
 # ---- tensor specifications ---------------------------------------------------------------------------------
 
 @dataclass(frozen=True)

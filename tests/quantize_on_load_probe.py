@@ -4,7 +4,6 @@ largest float layer the file holds. Anonymous memory (RssAnon) is what the proce
 pages are never mapped by the loader."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 import threading
@@ -24,14 +23,9 @@ def rss_anon() -> int:
 
 
 def main(path: str, bits: int) -> None:
-    from assets import import_comfy
+    from assets import import_pack
 
-    import_comfy()
-    spec = importlib.util.spec_from_file_location("tuneqdm_pack", REPO_ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(REPO_ROOT)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["tuneqdm_pack"] = module
-    spec.loader.exec_module(module)
+    import_pack()
     from tuneqdm_pack.nodes.quantize_on_load import load_quantized
     from tuneqdm_pack.tuneqdm_core import TuneQDMConfig, tensor_bytes
     from tuneqdm_pack.tuneqdm_core.lazy_file import LazyFile

@@ -14,7 +14,6 @@ Every process runs with one thread (OMP_NUM_THREADS=1, as torchrun sets it): the
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -27,10 +26,9 @@ import numpy as np
 import pytest
 import torch
 
-from assets import import_comfy
+from assets import import_pack
 from comfy_host import REPO_ROOT
 
-PACK = "tuneqdm_pack"
 STEPS = 3
 CAPTION = "a sks digit"
 
@@ -38,14 +36,7 @@ CAPTION = "a sks digit"
 @pytest.fixture(scope="module")
 def pack():
     """The pack imported as ComfyUI imports it (as tests/test_lifecycle_inprocess.py does)."""
-    import_comfy()
-    if PACK not in sys.modules:
-        spec = importlib.util.spec_from_file_location(PACK, REPO_ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(REPO_ROOT)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[PACK] = module
-        spec.loader.exec_module(module)
-    return sys.modules[PACK]
+    return import_pack()
 
 
 def _env(**extra: str) -> dict[str, str]:

@@ -5,29 +5,16 @@ GPU, so load and offload devices are both the CPU: the tests check that the quan
 in ComfyUI's protocol (they are offloaded and cast per call) and that the numbers stay the same."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-
 import pytest
 import torch
 
-from assets import import_comfy
-from comfy_host import REPO_ROOT
-
-PACK = "tuneqdm_pack"
+from assets import import_pack
 
 
 @pytest.fixture(scope="module")
 def pack():
     """The pack imported as ComfyUI imports it: a package whose `nodes` import ComfyUI."""
-    import_comfy()
-    if PACK not in sys.modules:
-        spec = importlib.util.spec_from_file_location(PACK, REPO_ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(REPO_ROOT)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[PACK] = module
-        spec.loader.exec_module(module)
-    return sys.modules[PACK]
+    return import_pack()
 
 
 def _storages(module: torch.nn.Module) -> set[int]:
