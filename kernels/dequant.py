@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .core import errors
+
 
 def interpreting() -> bool:
     """True when kernels run through Triton's CPU interpreter (TRITON_INTERPRET=1)."""
@@ -127,7 +129,8 @@ def dequantize_codes(packed: torch.Tensor, zero: torch.Tensor, bits: int, shape:
         k *= int(d)
     packed_rows = bits <= 4
     if packed.dim() != 2 or packed.shape[0] != n or packed.shape[1] != ((k + 1) // 2 if packed_rows else k):
-        raise ValueError(f"packed codes {tuple(packed.shape)} do not fit a {bits}-bit weight of shape {tuple(shape)}")
+        raise errors.ShapeError(
+            f"packed codes {tuple(packed.shape)} do not fit a {bits}-bit weight of shape {tuple(shape)}")
     if packed.stride(1) != 1:
         packed = packed.contiguous()
     out = torch.empty(n, k, dtype=dtype, device=packed.device)

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .core import errors
 from .dequant import group_args, int_to_float, interpreting, weight_tile
 
 _DOT_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -124,7 +125,8 @@ def _pow2(n: int, lo: int, hi: int) -> int:
 
 def _dot_dtype(dtype: torch.dtype):
     if dtype not in _DOT_DTYPES:
-        raise TypeError(f"the Triton separable linear supports float16, bfloat16 and float32 activations, got {dtype}")
+        raise errors.UnsupportedDtypeError(
+            f"the Triton separable linear supports float16, bfloat16 and float32 activations, got {dtype}")
     if dtype == torch.bfloat16 and interpreting():
         return tl.float32  # the interpreter's bf16 dot is wrong (HOST.md); bf16 -> fp32 is exact
     return _DOT_DTYPES[dtype]
@@ -223,7 +225,7 @@ def row_experts_of(experts: torch.Tensor, batch: int, rows: int) -> torch.Tensor
     """Per-sample experts (B,) -> one int32 expert per row of the (B * rows_per_sample, K) view."""
     e = experts.reshape(-1).to(device=experts.device, dtype=torch.int32)
     if e.numel() != batch:
-        raise ValueError(f"{e.numel()} expert indices for a batch of {batch}")
+        raise errors.RoutingError(f"{e.numel()} expert indices for a batch of {batch}")
     per = rows // batch if batch else 0
     return e.repeat_interleave(per) if per != 1 else e.contiguous()
 
@@ -243,7 +245,7 @@ class SeparableLinearFn(torch.autograd.Function):
     def forward(ctx, x, s_in, s_out, bias, experts, weight, blocks):
         k, n = weight.shape[1], weight.shape[0]
         if x.shape[-1] != k:
-            raise ValueError(f"input has {x.shape[-1]} features, the weight expects {k}")
+            raise errors.ShapeError(f"input has {x.shape[-1]} features, the weight expects {k}")
         batch = x.shape[0]
         x2 = _rows_of(x.reshape(-1, k))
         rows = row_experts_of(experts.to(x.device), batch, x2.shape[0])

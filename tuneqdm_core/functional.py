@@ -50,6 +50,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
+from .errors import BackendUnavailableError, SettingError
 from .quant import integer_weight
 
 BACKENDS = ("torch", "triton")
@@ -166,7 +167,7 @@ def set_cpu_inference_bf16(mode: str | None) -> None:
     """'auto' (large no-grad CPU float32 calls in bf16), 'on' (all no-grad CPU float32 calls), 'off'
     (never, the default); None defers to TUNEQDM_CPU_BF16. Process-wide."""
     if mode is not None and mode not in CPU_BF16_MODES:
-        raise ValueError(f"mode must be one of {CPU_BF16_MODES} or None, got {mode!r}")
+        raise SettingError(f"mode must be one of {CPU_BF16_MODES} or None, got {mode!r}")
     _settings.cpu_bf16 = mode
 
 
@@ -209,7 +210,7 @@ def _kernels():
 def _require_kernels():
     mod = _kernels()
     if mod is None:
-        raise RuntimeError(f"the Triton backend is unavailable: {_kernels_state['error']}")
+        raise BackendUnavailableError(f"the Triton backend is unavailable: {_kernels_state['error']}")
     return mod
 
 
@@ -227,7 +228,7 @@ def select_backend(x: torch.Tensor, backend: str | None = None) -> str:
     CUDA tensors of a supported dtype when triton imports and the torch path is not forced."""
     if backend not in (None, "auto"):
         if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, 'auto' or None, got {backend!r}")
+            raise SettingError(f"backend must be one of {BACKENDS}, 'auto' or None, got {backend!r}")
         return backend
     if torch_forced() or not x.is_cuda or x.dtype not in TRITON_DTYPES or x.numel() == 0:
         return "torch"

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapters import Adapter, LowRank, apply_adapters
+from .errors import MissingScalesError, ModelMismatchError, RoutingError, SettingError, UnsupportedError
 from .functional import ConvGeometry, PackedWeight, separable_conv2d, separable_linear
 from .quant import QuantizedWeight, check_bits, check_group_size, num_groups, packed_width, quantize_weight
 from .routing import ExpertRouter
@@ -43,7 +44,7 @@ class QuantLayer(nn.Module):
         self.bits = check_bits(bits)
         self.group_size = check_group_size(group_size)
         if experts < 1:
-            raise ValueError(f"experts must be at least 1, got {experts}")
+            raise SettingError(f"experts must be at least 1, got {experts}")
         self.num_experts = experts
         self.tuneqdm_name = ""
         self.router: ExpertRouter | None = None
@@ -74,12 +75,12 @@ class QuantLayer(nn.Module):
         with torch.no_grad():
             self.qweight.copy_(qw.packed)
             if qw.group_size != self.group_size:
-                raise ValueError(f"quantized with group size {qw.group_size}, the layer has {self.group_size}")
+                raise ModelMismatchError(f"quantized with group size {qw.group_size}, the layer has {self.group_size}")
             self.zero.copy_(qw.zero)
             if self.group_scale is not None:
                 if qw.group_scale.dtype != self.group_scale.dtype or qw.group_scale.shape != self.group_scale.shape:
-                    raise ValueError(f"group steps {qw.group_scale.dtype} {tuple(qw.group_scale.shape)} do not fit "
-                                     f"the layer's {self.group_scale.dtype} {tuple(self.group_scale.shape)}")
+                    raise ModelMismatchError(f"group steps {qw.group_scale.dtype} {tuple(qw.group_scale.shape)} "
+                                             f"do not fit the layer's {self.group_scale.dtype} {tuple(self.group_scale.shape)}")
                 self.group_scale.copy_(qw.group_scale)
             self.base_scale.copy_(qw.scale)
             self.s_out.copy_(qw.scale.expand_as(self.s_out))
@@ -87,7 +88,7 @@ class QuantLayer(nn.Module):
                 noise = torch.randn(self.s_in.shape, generator=generator, device="cpu")
                 self.s_in.copy_(1.0 + s_in_sigma * noise)
             elif s_in_init != "ones":
-                raise ValueError(f"s_in_init must be 'ones' or 'normal', got {s_in_init!r}")
+                raise SettingError(f"s_in_init must be 'ones' or 'normal', got {s_in_init!r}")
             if bias is not None:
                 self.bias = nn.Parameter(bias.detach().to(self.qweight.device, copy=True), requires_grad=False)
 
@@ -106,7 +107,7 @@ class QuantLayer(nn.Module):
             try:
                 return router.scales[self.tuneqdm_name]
             except KeyError:
-                raise KeyError(f"active scale set has no entry for layer {self.tuneqdm_name!r}") from None
+                raise MissingScalesError(f"active scale set has no entry for layer {self.tuneqdm_name!r}") from None
         return self.s_out, self.s_in
 
     def operands(self, x: torch.Tensor) -> tuple[PackedWeight, torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -137,7 +138,7 @@ class QuantLayer(nn.Module):
     def _experts(self, x: torch.Tensor) -> torch.Tensor:
         if self.router is None:
             if self.num_experts > 1:
-                raise RuntimeError(f"layer {self.tuneqdm_name!r} has {self.num_experts} experts but no router")
+                raise RoutingError(f"layer {self.tuneqdm_name!r} has {self.num_experts} experts but no router")
             return torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         return self.router.experts_for_batch(x.shape[0], x.device)
 
@@ -193,7 +194,7 @@ class QuantConv2d(QuantLayer):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.dilation = pair(kernel_size), pair(stride), pair(dilation)
         if isinstance(padding, str):
-            raise ValueError("string padding ('same'/'valid') is not supported; give explicit padding")
+            raise UnsupportedError("string padding ('same'/'valid') is not supported; give explicit padding")
         self.padding, self.groups, self.padding_mode = pair(padding), groups, padding_mode
         self.weight_shape = (out_channels, in_channels // groups, *self.kernel_size)
         k = (in_channels // groups) * self.kernel_size[0] * self.kernel_size[1]

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import SettingError
+
 SUPPORTED_BITS = range(2, 9)
 MIN_GROUP, MAX_GROUP = 8, 4096
 REFINE_ITERATIONS = 2  # least-squares refits of each group's step and zero (measured: 2 get most of 6)
@@ -34,12 +36,12 @@ def check_group_size(group_size) -> int:
     """0 (per output channel) or an integer group size MIN_GROUP..MAX_GROUP; anything else is refused."""
     if isinstance(group_size, bool) or not isinstance(group_size, (int,)) and not (
             isinstance(group_size, float) and group_size.is_integer()):
-        raise ValueError(f"group_size must be 0 (per output channel) or an integer from {MIN_GROUP} to "
-                         f"{MAX_GROUP}, got {group_size!r}")
+        raise SettingError(f"group_size must be 0 (per output channel) or an integer from {MIN_GROUP} to "
+                           f"{MAX_GROUP}, got {group_size!r}")
     g = int(group_size)
     if g != 0 and not MIN_GROUP <= g <= MAX_GROUP:
-        raise ValueError(f"group_size must be 0 (per output channel) or an integer from {MIN_GROUP} to "
-                         f"{MAX_GROUP}, got {group_size!r}")
+        raise SettingError(f"group_size must be 0 (per output channel) or an integer from {MIN_GROUP} to "
+                           f"{MAX_GROUP}, got {group_size!r}")
     return g
 
 
@@ -61,7 +63,7 @@ def num_groups(k: int, group_size: int) -> int:
 
 def check_bits(bits: int) -> int:
     if int(bits) != bits or bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits must be an integer from 2 to 8, got {bits!r}")
+        raise SettingError(f"bits must be an integer from 2 to 8, got {bits!r}")
     return int(bits)
 
 
