@@ -4,10 +4,10 @@ top-level when the repo root is on sys.path (tests, scripts)."""
 from __future__ import annotations
 
 try:
-    from ..tuneqdm_core import errors
+    from ..tuneqdm_core import errors, packing
 except ImportError:
     if "." in (__package__ or ""):
         raise  # inside the pack's package: the pack's own core failed, report that
-    from tuneqdm_core import errors  # type: ignore[no-redef]
+    from tuneqdm_core import errors, packing  # type: ignore[no-redef]
 
-__all__ = ["errors"]
+__all__ = ["errors", "packing"]

@@ -43,7 +43,8 @@ def _grouped_pid(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl
 def _linear_fwd_kernel(x_ptr, w_ptr, zero_ptr, gs_ptr, s_in_ptr, s_out_ptr, bias_ptr, rows_ptr, y_ptr,
                        M, N, K, stride_xm, stride_xk, stride_wn, stride_zn, stride_gn, GROUP,
                        stride_sin, stride_sout, stride_ym,
-                       PACKED: tl.constexpr, GROUPED: tl.constexpr, APPLY_S_OUT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       PACKED: tl.constexpr, GROUPED: tl.constexpr, STEP_LEVELS: tl.constexpr,
+                       APPLY_S_OUT: tl.constexpr, HAS_BIAS: tl.constexpr,
                        DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        GROUP_M: tl.constexpr):
@@ -63,7 +64,7 @@ def _linear_fwd_kernel(x_ptr, w_ptr, zero_ptr, gs_ptr, s_in_ptr, s_out_ptr, bias
         s = tl.load(s_in_rows + offs_k[None, :], mask=mask, other=0.0)
         u = (x.to(tl.float32) * s.to(tl.float32)).to(DOT_DTYPE)
         a = weight_tile(w_ptr, zero_ptr, gs_ptr, offs_n, k0, N, K, stride_wn, stride_zn, stride_gn, GROUP,
-                        PACKED, GROUPED, BLOCK_N, BLOCK_K)
+                        PACKED, GROUPED, STEP_LEVELS, BLOCK_N, BLOCK_K)
         acc = tl.dot(u, tl.trans(int_to_float(a, DOT_DTYPE)), acc, input_precision=INPUT_PRECISION)
     out_mask = m_mask[:, None] & n_mask[None, :]
     if APPLY_S_OUT:
@@ -81,8 +82,8 @@ def _linear_fwd_kernel(x_ptr, w_ptr, zero_ptr, gs_ptr, s_in_ptr, s_out_ptr, bias
 def _linear_input_grad_kernel(g_ptr, w_ptr, zero_ptr, gs_ptr, s_in_ptr, s_out_ptr, rows_ptr, gu_ptr, gx_ptr,
                               M, N, K, stride_gm, stride_gn, stride_wn, stride_zn, stride_sn, GROUP,
                               stride_sin, stride_sout, stride_om,
-                              PACKED: tl.constexpr, GROUPED: tl.constexpr, STORE_GU: tl.constexpr,
-                              STORE_GX: tl.constexpr,
+                              PACKED: tl.constexpr, GROUPED: tl.constexpr, STEP_LEVELS: tl.constexpr,
+                              STORE_GU: tl.constexpr, STORE_GX: tl.constexpr,
                               DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                               GROUP_M: tl.constexpr):
@@ -105,7 +106,7 @@ def _linear_input_grad_kernel(g_ptr, w_ptr, zero_ptr, gs_ptr, s_in_ptr, s_out_pt
         s = tl.load(s_out_rows + offs_n[None, :], mask=mask, other=0.0)
         gs = (g.to(tl.float32) * s.to(tl.float32)).to(DOT_DTYPE)
         a = weight_tile(w_ptr, zero_ptr, gs_ptr, offs_n, k0, N, K, stride_wn, stride_zn, stride_sn, GROUP,
-                        PACKED, GROUPED, BLOCK_N, BLOCK_K)
+                        PACKED, GROUPED, STEP_LEVELS, BLOCK_N, BLOCK_K)
         acc = tl.dot(gs, int_to_float(a, DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
     out_mask = m_mask[:, None] & k_mask[None, :]
     out_offs = offs_m.to(tl.int64)[:, None] * stride_om + offs_k[None, :]
@@ -176,12 +177,12 @@ def linear_forward(x2: torch.Tensor, s_in: torch.Tensor, s_out: torch.Tensor | N
         bm, bn, bk = blocks.get("BLOCK_M", bm), blocks.get("BLOCK_N", bn), blocks.get("BLOCK_K", bk)
         warps, stages = blocks.get("num_warps", warps), blocks.get("num_stages", stages)
     grid = (triton.cdiv(m, bm) * triton.cdiv(n_out, bn),)
-    zero, gs, stride_zn, stride_gn, group, grouped = group_args(zero, group_scale, group_size)
+    zero, gs, stride_zn, stride_gn, group, layout = group_args(zero, group_scale, group_size, bits)
     _linear_fwd_kernel[grid](
         x2, packed, zero, gs, s_in, s_out_t, bias if bias is not None else s_in, row_experts, out,
         m, n_out, k, x2.stride(0), x2.stride(1), packed.stride(0), stride_zn, stride_gn, group,
         s_in.stride(0), s_out_t.stride(0), out.stride(0),
-        PACKED=bits <= 4, GROUPED=grouped, APPLY_S_OUT=s_out is not None, HAS_BIAS=bias is not None,
+        **layout, APPLY_S_OUT=s_out is not None, HAS_BIAS=bias is not None,
         DOT_DTYPE=_dot_dtype(x2.dtype), INPUT_PRECISION=_input_precision(x2.dtype),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, num_warps=warps, num_stages=stages)
     return out
@@ -208,12 +209,12 @@ def linear_input_grad(g2: torch.Tensor, s_in: torch.Tensor, s_out: torch.Tensor,
         warps, stages = blocks.get("num_warps", warps), blocks.get("num_stages", stages)
     grid = (triton.cdiv(m, bm) * triton.cdiv(k, bk),)
     some = gu if gu is not None else gx  # stands in for the one not stored; both are contiguous (M, K)
-    zero, gs, stride_zn, stride_gn, group, grouped = group_args(zero, group_scale, group_size)
+    zero, gs, stride_zn, stride_gn, group, layout = group_args(zero, group_scale, group_size, bits)
     _linear_input_grad_kernel[grid](
         g2, packed, zero, gs, s_in, s_out, row_experts, gu if gu is not None else some, gx if gx is not None else some,
         m, n, k, g2.stride(0), g2.stride(1), packed.stride(0), stride_zn, stride_gn, group,
         s_in.stride(0), s_out.stride(0), k,
-        PACKED=bits <= 4, GROUPED=grouped, STORE_GU=want_gu, STORE_GX=want_gx,
+        **layout, STORE_GU=want_gu, STORE_GX=want_gx,
         DOT_DTYPE=_dot_dtype(g2.dtype), INPUT_PRECISION=_input_precision(g2.dtype),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, num_warps=warps, num_stages=stages)
     return gu, gx

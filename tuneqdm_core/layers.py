@@ -18,7 +18,8 @@ from torch import nn
 from .adapters import Adapter, LowRank, apply_adapters
 from .errors import MissingScalesError, ModelMismatchError, RoutingError, SettingError, UnsupportedError
 from .functional import ConvGeometry, PackedWeight, separable_conv2d, separable_linear
-from .quant import QuantizedWeight, check_bits, check_group_size, num_groups, packed_width, quantize_weight
+from .packing import check_bits, packed_width
+from .quant import QuantizedWeight, check_group_size, num_groups, quantize_weight
 from .routing import ExpertRouter
 
 
