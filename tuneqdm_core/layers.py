@@ -71,6 +71,29 @@ class QuantLayer(nn.Module):
         self.s_in = nn.Parameter(torch.ones(experts, in_channels, device=device), requires_grad=train_s_in)
         self.bias = nn.Parameter(torch.zeros(out_channels, device=device), requires_grad=False) if has_bias else None
 
+    @classmethod
+    def from_float(cls, layer: nn.Linear | nn.Conv2d, *, bits: int, experts: int, train_s_in: bool = True,
+                   s_in_init: str = "ones", s_in_sigma: float = 0.01, generator: torch.Generator | None = None,
+                   compute_device: torch.device | None = None, weight: torch.Tensor | None = None,
+                   device: torch.device | str | None = None, group_size: int = 0,
+                   minimize: bool = True) -> QuantLayer:
+        """The quantized twin of a float `layer` (an nn.Linear for QuantLinear, an nn.Conv2d for
+        QuantConv2d). `weight` replaces the layer's own weight (same shape) when given; the layer is built
+        on `device` (default: the weight's). `group_size` 0: one step per output channel; else per group
+        of that many input values, `minimize` refining each group's step and zero (quant.py)."""
+        weight = layer.weight if weight is None else weight
+        device = weight.device if device is None else torch.device(device)
+        q = cls._shaped_like(layer, bits=bits, experts=experts, train_s_in=train_s_in, device=device,
+                             group_size=group_size)
+        qw = _quantize_on(weight, bits, compute_device, device, group_size, minimize)
+        q._set_quantized(qw, layer.bias, s_in_init, s_in_sigma, generator)
+        return q
+
+    @classmethod
+    def _shaped_like(cls, layer: nn.Module, **options) -> QuantLayer:
+        """An empty layer of this kind with `layer`'s geometry; `options` are the quantization's."""
+        raise NotImplementedError
+
     def _set_quantized(self, qw: QuantizedWeight, bias: torch.Tensor | None, s_in_init: str,
                        s_in_sigma: float, generator: torch.Generator | None) -> None:
         with torch.no_grad():
@@ -161,21 +184,8 @@ class QuantLinear(QuantLayer):
                          step_codes)
 
     @classmethod
-    def from_float(cls, layer: nn.Linear, *, bits: int, experts: int, train_s_in: bool = True,
-                   s_in_init: str = "ones", s_in_sigma: float = 0.01, generator: torch.Generator | None = None,
-                   compute_device: torch.device | None = None, weight: torch.Tensor | None = None,
-                   device: torch.device | str | None = None, group_size: int = 0,
-                   minimize: bool = True) -> "QuantLinear":
-        """`weight` replaces the layer's own weight (same shape) when given; the layer is built on
-        `device` (default: the weight's). `group_size` 0: one step per output channel; else per group of
-        that many input values, `minimize` refining each group's step and zero (quant.py)."""
-        weight = layer.weight if weight is None else weight
-        device = weight.device if device is None else torch.device(device)
-        q = cls(layer.in_features, layer.out_features, layer.bias is not None, bits=bits, experts=experts,
-                train_s_in=train_s_in, device=device, group_size=group_size)
-        qw = _quantize_on(weight, bits, compute_device, device, group_size, minimize)
-        q._set_quantized(qw, layer.bias, s_in_init, s_in_sigma, generator)
-        return q
+    def _shaped_like(cls, layer: nn.Linear, **options) -> "QuantLinear":
+        return cls(layer.in_features, layer.out_features, layer.bias is not None, **options)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim == 1:
@@ -202,21 +212,9 @@ class QuantConv2d(QuantLayer):
         self._init_quant(out_channels, in_channels, k, bits, experts, train_s_in, bias, device, group_size, step_codes)
 
     @classmethod
-    def from_float(cls, layer: nn.Conv2d, *, bits: int, experts: int, train_s_in: bool = True,
-                   s_in_init: str = "ones", s_in_sigma: float = 0.01, generator: torch.Generator | None = None,
-                   compute_device: torch.device | None = None, weight: torch.Tensor | None = None,
-                   device: torch.device | str | None = None, group_size: int = 0,
-                   minimize: bool = True) -> "QuantConv2d":
-        """`weight` replaces the layer's own weight (same shape) when given; the layer is built on
-        `device` (default: the weight's). `group_size`, `minimize`: as QuantLinear.from_float."""
-        weight = layer.weight if weight is None else weight
-        device = weight.device if device is None else torch.device(device)
-        q = cls(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
-                layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode, bits=bits,
-                experts=experts, train_s_in=train_s_in, device=device, group_size=group_size)
-        qw = _quantize_on(weight, bits, compute_device, device, group_size, minimize)
-        q._set_quantized(qw, layer.bias, s_in_init, s_in_sigma, generator)
-        return q
+    def _shaped_like(cls, layer: nn.Conv2d, **options) -> "QuantConv2d":
+        return cls(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                   layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode, **options)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         packed, s_out, s_in, bias = self.operands(x)
