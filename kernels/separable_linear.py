@@ -40,6 +40,15 @@ def _grouped_pid(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl
 
 
 @triton.jit
+def _scaled_tile(row_ptrs, scale_row_ptrs, offs, mask, stride, DOT_DTYPE: tl.constexpr):
+    """Rows of an activation (or output gradient) tile at columns `offs`, times each row's expert scale
+    row, in fp32 and then cast for tl.dot."""
+    t = tl.load(row_ptrs + offs[None, :] * stride, mask=mask, other=0.0)
+    s = tl.load(scale_row_ptrs + offs[None, :], mask=mask, other=0.0)
+    return (t.to(tl.float32) * s.to(tl.float32)).to(DOT_DTYPE)
+
+
+@triton.jit
 def _linear_fwd_kernel(x_ptr, w_ptr, zero_ptr, gs_ptr, s_in_ptr, s_out_ptr, bias_ptr, rows_ptr, y_ptr,
                        M, N, K, stride_xm, stride_xk, stride_wn, stride_zn, stride_gn, GROUP,
                        stride_sin, stride_sout, stride_ym,
@@ -60,9 +69,7 @@ def _linear_fwd_kernel(x_ptr, w_ptr, zero_ptr, gs_ptr, s_in_ptr, s_out_ptr, bias
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask = m_mask[:, None] & (offs_k < K)[None, :]
-        x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=mask, other=0.0)
-        s = tl.load(s_in_rows + offs_k[None, :], mask=mask, other=0.0)
-        u = (x.to(tl.float32) * s.to(tl.float32)).to(DOT_DTYPE)
+        u = _scaled_tile(x_rows, s_in_rows, offs_k, mask, stride_xk, DOT_DTYPE)
         a = weight_tile(w_ptr, zero_ptr, gs_ptr, offs_n, k0, N, K, stride_wn, stride_zn, stride_gn, GROUP,
                         PACKED, GROUPED, STEP_LEVELS, BLOCK_N, BLOCK_K)
         acc = tl.dot(u, tl.trans(int_to_float(a, DOT_DTYPE)), acc, input_precision=INPUT_PRECISION)
@@ -102,9 +109,7 @@ def _linear_input_grad_kernel(g_ptr, w_ptr, zero_ptr, gs_ptr, s_in_ptr, s_out_pt
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask = m_mask[:, None] & (offs_n < N)[None, :]
-        g = tl.load(g_rows + offs_n[None, :] * stride_gn, mask=mask, other=0.0)
-        s = tl.load(s_out_rows + offs_n[None, :], mask=mask, other=0.0)
-        gs = (g.to(tl.float32) * s.to(tl.float32)).to(DOT_DTYPE)
+        gs = _scaled_tile(g_rows, s_out_rows, offs_n, mask, stride_gn, DOT_DTYPE)
         a = weight_tile(w_ptr, zero_ptr, gs_ptr, offs_n, k0, N, K, stride_wn, stride_zn, stride_sn, GROUP,
                         PACKED, GROUPED, STEP_LEVELS, BLOCK_N, BLOCK_K)
         acc = tl.dot(gs, int_to_float(a, DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
