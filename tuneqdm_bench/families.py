@@ -3,7 +3,7 @@ and Wan 2.1 T2V 1.3B, random-weight files from tuneqdm_fixtures/families.py, eac
 server (ComfyUI 0.8.0, this machine's CPU), as a user runs them:
 
     python -m tuneqdm_bench families [--only sdxl,flux] [--rows quantize,sample,train,sdxl-train,sdxl-lora]
-                                          [--size full|test] [--json]
+                                     [--size full|test] [--json]
 
 Per family:
 * quantize: Load and Quantize Diffusion Model W4 (the node's default options: group-wise steps), the

@@ -2,7 +2,7 @@
 and one sampling step of the whole SD 1.5 UNet, float vs W8 vs W4.
 
     python -m tuneqdm_bench kernels [--device auto|cpu|cuda] [--tokens 1 16 ...] [--skip-linear]
-                                         [--skip-unet] [--batch 2] [--latent 64] [--rounds N] [--json]
+                                    [--skip-unet] [--batch 2] [--latent 64] [--rounds N] [--json]
 
 Runs on whatever device is there and says which. On CUDA the fused Linear is the Triton kernel
 (packed codes unpacked in registers); it is timed against (a) dequantize-then-matmul in torch (the

@@ -3,7 +3,7 @@ ComfyUI server (the full-size SD1.5 UNet, random weights, fp16 file; CLIP and VA
 and the figure is that server process's peak resident memory (VmHWM).
 
     python -m tuneqdm_bench peers [--rows train|infer|all] [--only TEXT ...] [--attention default|pytorch|both]
-                                       [--steps 3] [--size 256] [--json]
+                                  [--steps 3] [--size 256] [--json]
 
 Training rows: UNETLoader -> TrainLoraNode (rank 8 fp32, rank 8 bf16, rank 32 fp32) against the pack's
 UNETLoader -> Quantize UNet -> Train TuneQDM Scales (W4, W8), Load Quantized UNet (a W4 file) -> Train,
