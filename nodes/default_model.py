@@ -10,9 +10,9 @@ import comfy.model_patcher
 import comfy.supported_models
 import torch
 
-from ..tuneqdm_core.digits import data
-from ..tuneqdm_core.digits.files import MODEL_TYPE, UNET_CONFIG, UNET_FILE, UNET_FORMAT, load_file
-from ..tuneqdm_core.digits.text import TextEncoder
+from ..tuneqdm_demo import data
+from ..tuneqdm_demo.files import MODEL_TYPE, UNET_CONFIG, UNET_FILE, UNET_FORMAT, load_file
+from ..tuneqdm_demo.text import TextEncoder
 from . import model_files
 
 TEXT_ENCODER_TYPE = "TUNEQDM_TEXT_ENCODER"

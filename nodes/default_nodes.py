@@ -3,7 +3,7 @@ give the held-out subject's five images. Everything else in a demo graph is the 
 ComfyUI's stock ones (EmptyLatentImage, KSampler, VAEDecode, SaveImage)."""
 from __future__ import annotations
 
-from ..tuneqdm_core.digits import data
+from ..tuneqdm_demo import data
 from .default_model import TEXT_ENCODER_TYPE, DefaultTextEncoder, PixelVAE, load_model
 
 CATEGORY = "TuneQDM/demo"

@@ -6,8 +6,13 @@ from __future__ import annotations
 import json
 import re
 import sys
+from pathlib import Path
 
-from pack_runner import ComfyServer, asset_cache_dir, install, texts, write_sd15_unet
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tuneqdm_fixtures.checkpoints import install, write_sd15_unet  # noqa: E402
+from tuneqdm_fixtures.graph import texts  # noqa: E402
+from tuneqdm_fixtures.paths import asset_cache_dir  # noqa: E402
+from tuneqdm_fixtures.server import ComfyServer  # noqa: E402
 
 FLOAT32_BYTES = 4 * 859_520_964
 

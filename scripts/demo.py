@@ -14,12 +14,14 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from pack_runner import REPO, ComfyServer, output_files, read_images, texts
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tuneqdm_demo import data  # noqa: E402
+from tuneqdm_demo.metrics import Judge, load_classifier  # noqa: E402
+from tuneqdm_fixtures.graph import output_files, read_images, texts  # noqa: E402
+from tuneqdm_fixtures.paths import checkout  # noqa: E402
+from tuneqdm_fixtures.server import ComfyServer  # noqa: E402
 
-sys.path.insert(0, str(REPO))
-from tuneqdm_core.digits import data  # noqa: E402
-from tuneqdm_core.digits.metrics import Judge, load_classifier  # noqa: E402
-
+REPO = checkout()
 WORKFLOW = REPO / "workflows" / "api" / "default_model_demo.json"
 MODELS = (("float", "float"), ("w4", "W4, before training"), ("w4_tuneqdm", "W4 TuneQDM"))
 PROMPTS = (("sks", data.SUBJECT_PROMPT, None), ("three", data.caption(3), 3), ("seven", data.caption(7), 7))

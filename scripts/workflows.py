@@ -578,9 +578,9 @@ def main(argv: Iterable[str] | None = None) -> int:
         elif args.server:
             object_info = fetch_object_info(args.server)
         else:
-            sys.path.insert(0, str(REPO_ROOT / "tests"))
+            sys.path.insert(0, str(REPO_ROOT))
             os.environ.setdefault("TRITON_INTERPRET", "1")  # as tests/conftest.py: CPU-only host
-            from comfy_host import ComfyServer
+            from tuneqdm_fixtures.server import ComfyServer
             with ComfyServer() as server:
                 object_info = server.object_info()
         return sync(object_info, args.check, args.workflows)

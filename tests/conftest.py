@@ -14,7 +14,7 @@ from collections.abc import Iterator  # noqa: E402
 
 import pytest  # noqa: E402
 
-from comfy_host import PACK_FOLDER, ComfyServer  # noqa: E402
+from tuneqdm_fixtures.server import PACK_FOLDER, ComfyServer  # noqa: E402
 
 NODE_PREFIX = "TuneQDM"
 

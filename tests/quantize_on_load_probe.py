@@ -10,9 +10,7 @@ import threading
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT / "tests"))
-sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def rss_anon() -> int:
@@ -23,7 +21,7 @@ def rss_anon() -> int:
 
 
 def main(path: str, bits: int) -> None:
-    from assets import import_pack
+    from tuneqdm_fixtures.host import import_pack
 
     import_pack()
     from tuneqdm_pack.nodes.quantize_on_load import load_quantized

@@ -1,7 +1,7 @@
-"""The random-weight model files of tests/assets.py load through ComfyUI's stock loaders and sample.
+"""The random-weight model files of tuneqdm_fixtures/checkpoints.py load through ComfyUI's stock loaders and sample.
 
 Server tests use `comfy_server_unchecked`: they test the host and the files, not this pack's nodes.
-Generated files are cached in assets.asset_cache_dir() (.pytest_cache/tuneqdm-assets, or
+Generated files are cached in asset_cache_dir() (.pytest_cache/tuneqdm-assets, or
 $TUNEQDM_ASSET_CACHE) and hard-linked into the server's models folders.
 
 Set TUNEQDM_FULL_SIZE=1 to also load and sample the full 860M-parameter SD1.5 UNet in the server
@@ -18,12 +18,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import assets
-from assets import Graph, add_txt2img, api_graph_txt2img, api_graph_unet_txt2img, output_files
+from tuneqdm_fixtures.checkpoints import (CLIP_POSITION_IDS_KEY, FULL_SD15_UNET, SD15_UNET_PARAMS, TINY_SD15_CKPT,
+                                          TINY_SD15_UNET, Asset, cached_sd15_unet, cached_tiny_sd15_checkpoint,
+                                          count_parameters, install, read_safetensors_header, sd15_checkpoint_specs,
+                                          write_sd15_unet)
+from tuneqdm_fixtures.graph import (Graph, add_txt2img, api_graph_txt2img, api_graph_unet_txt2img, execution_seconds,
+                                    output_files)
+from tuneqdm_fixtures.host import import_comfy
+from tuneqdm_fixtures.paths import asset_cache_dir
 
-TINY_CKPT = assets.TINY_SD15_CKPT
-TINY_UNET = assets.TINY_SD15_UNET
-FULL_UNET = assets.FULL_SD15_UNET.format(dtype="float16")
+TINY_CKPT = TINY_SD15_CKPT
+TINY_UNET = TINY_SD15_UNET
+FULL_UNET = FULL_SD15_UNET.format(dtype="float16")
 MISSING_MARKERS = ("unet missing", "unet unexpected", "clip missing", "Missing VAE keys")
 
 
@@ -34,16 +40,16 @@ def _report(name: str, **values: object) -> None:
 # ---- fixtures ----------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint() -> assets.Asset:
-    asset = assets.cached_tiny_sd15_checkpoint()
+def tiny_checkpoint() -> Asset:
+    asset = cached_tiny_sd15_checkpoint()
     _report("tiny checkpoint", path=asset.path, MB=round(asset.nbytes / 1e6, 1), params=asset.parameters,
             seconds=round(asset.seconds, 2), reused=asset.reused)
     return asset
 
 
 @pytest.fixture(scope="session")
-def tiny_unet() -> assets.Asset:
-    asset = assets.cached_sd15_unet(full_size=False)
+def tiny_unet() -> Asset:
+    asset = cached_sd15_unet(full_size=False)
     _report("tiny unet", MB=round(asset.nbytes / 1e6, 1), params=asset.parameters,
             seconds=round(asset.seconds, 2), reused=asset.reused)
     return asset
@@ -122,8 +128,8 @@ def test_graph_builder_insert_custom_node() -> None:
 # ---- files, in process -------------------------------------------------------------------------------------
 
 @pytest.mark.server
-def test_tiny_checkpoint_layout(tiny_checkpoint: assets.Asset) -> None:
-    header = assets.read_safetensors_header(tiny_checkpoint)
+def test_tiny_checkpoint_layout(tiny_checkpoint: Asset) -> None:
+    header = read_safetensors_header(tiny_checkpoint)
     keys = [k for k in header if k != "__metadata__"]
     groups = {p: [k for k in keys if k.startswith(p)] for p in
               ("model.diffusion_model.", "cond_stage_model.transformer.text_model.", "first_stage_model.")}
@@ -131,23 +137,23 @@ def test_tiny_checkpoint_layout(tiny_checkpoint: assets.Asset) -> None:
     assert all(groups.values())
     dtypes = {header[k]["dtype"] for k in keys}
     assert dtypes == {"F16", "I64"}
-    assert header[assets.CLIP_POSITION_IDS_KEY] == {**header[assets.CLIP_POSITION_IDS_KEY], "dtype": "I64",
+    assert header[CLIP_POSITION_IDS_KEY] == {**header[CLIP_POSITION_IDS_KEY], "dtype": "I64",
                                                     "shape": [1, 77]}
-    specs = assets.sd15_checkpoint_specs()
+    specs = sd15_checkpoint_specs()
     assert set(keys) == set(specs)
     assert all(header[k]["shape"] == list(specs[k].shape) for k in keys)
     # 25.8M cut-down UNet + 123.1M CLIP-L (no text_projection, as in real SD1.5 files) + 83.7M VAE.
-    assert assets.count_parameters(tiny_checkpoint) == 25_789_444 + 123_060_480 + 83_653_863
+    assert count_parameters(tiny_checkpoint) == 25_789_444 + 123_060_480 + 83_653_863
 
 
 @pytest.mark.server
-def test_tiny_checkpoint_loads_in_process_as_sd15(tiny_checkpoint: assets.Asset, caplog) -> None:
+def test_tiny_checkpoint_loads_in_process_as_sd15(tiny_checkpoint: Asset, caplog) -> None:
     """comfy.sd.load_checkpoint_guess_config (what CheckpointLoaderSimple calls) detects SD1.5 and every tensor
     of MODEL, CLIP and VAE holds the file's values: nothing is left torch.empty."""
     import torch
     from safetensors import safe_open
 
-    comfy = assets.import_comfy()
+    comfy = import_comfy()
     import comfy.sd
 
     start = time.perf_counter()
@@ -172,7 +178,7 @@ def test_tiny_checkpoint_loads_in_process_as_sd15(tiny_checkpoint: assets.Asset,
     assert leftovers == {"clip_l.logit_scale", "clip_l.transformer.text_projection.weight"}
     loaded.update({k.replace("clip_l.", "cond_stage_model.", 1): v for k, v in clip_sd.items() if k not in leftovers})
     with safe_open(str(tiny_checkpoint), "pt") as f:
-        file_keys = set(f.keys()) - {assets.CLIP_POSITION_IDS_KEY}
+        file_keys = set(f.keys()) - {CLIP_POSITION_IDS_KEY}
         assert set(loaded) == file_keys
         for key in sorted(file_keys):
             assert torch.equal(loaded[key].float(), f.get_tensor(key).float()), key
@@ -186,23 +192,23 @@ def test_unet_file_cache_and_dtypes(tmp_path: Path) -> None:
     import torch
     from safetensors import safe_open
 
-    comfy = assets.import_comfy()
+    comfy = import_comfy()
     import comfy.sd
 
     path = tmp_path / "u.safetensors"
-    first = assets.write_sd15_unet(path, full_size=False)
+    first = write_sd15_unet(path, full_size=False)
     assert not first.reused and first.parameters == 25_789_444 and first.nbytes == path.stat().st_size
-    assert assets.write_sd15_unet(path, full_size=False).reused
-    assert not assets.write_sd15_unet(path, full_size=False, seed=1).reused      # other seed: rewritten
+    assert write_sd15_unet(path, full_size=False).reused
+    assert not write_sd15_unet(path, full_size=False, seed=1).reused      # other seed: rewritten
     with open(path, "r+b") as f:                                                  # truncated: rewritten
         f.truncate(path.stat().st_size - 2)
-    again = assets.write_sd15_unet(path, full_size=False, seed=1)
+    again = write_sd15_unet(path, full_size=False, seed=1)
     assert not again.reused and again.nbytes == first.nbytes
     assert [p.name for p in tmp_path.iterdir()] == ["u.safetensors"]              # no temporary left over
 
     for dtype, code in (("fp32", "F32"), ("bf16", "BF16")):
-        p = assets.write_sd15_unet(tmp_path / f"u_{dtype}.safetensors", full_size=False, dtype=dtype).path
-        header = assets.read_safetensors_header(p)
+        p = write_sd15_unet(tmp_path / f"u_{dtype}.safetensors", full_size=False, dtype=dtype).path
+        header = read_safetensors_header(p)
         assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {code}
         model = comfy.sd.load_diffusion_model(str(p))
         assert type(model.model.model_config) is comfy.supported_models.SD15
@@ -212,7 +218,7 @@ def test_unet_file_cache_and_dtypes(tmp_path: Path) -> None:
             for key in ("input_blocks.0.0.weight", "out.2.weight", "middle_block.1.proj_in.weight"):
                 assert torch.equal(state[key].float(), f.get_tensor(key).float()), key
     with pytest.raises(ValueError):
-        assets.write_sd15_unet(tmp_path / "x.safetensors", full_size=False, dtype="int8")
+        write_sd15_unet(tmp_path / "x.safetensors", full_size=False, dtype="int8")
 
 
 # ---- the real server ---------------------------------------------------------------------------------------
@@ -220,7 +226,7 @@ def test_unet_file_cache_and_dtypes(tmp_path: Path) -> None:
 @pytest.mark.server
 def test_txt2img_through_checkpoint_loader(comfy_server_unchecked, server_models, tiny_checkpoint) -> None:
     server = comfy_server_unchecked
-    assets.install(tiny_checkpoint, server_models / "checkpoints", TINY_CKPT)
+    install(tiny_checkpoint, server_models / "checkpoints", TINY_CKPT)
     graph = api_graph_txt2img(TINY_CKPT, steps=4, seed=1, filename_prefix="assets_ckpt", save_latent=True)
     entry, log, wall = _run_and_check(server, graph)
     pixels, latent = _check_outputs(server, entry)
@@ -230,19 +236,19 @@ def test_txt2img_through_checkpoint_loader(comfy_server_unchecked, server_models
     pixels2, _ = _check_outputs(server, entry2)
     assert not np.array_equal(pixels, pixels2)
     _report("server txt2img (CheckpointLoaderSimple)", first_run_s=round(wall, 2),
-            first_exec_s=assets.execution_seconds(entry), resample_s=round(wall2, 2),
+            first_exec_s=execution_seconds(entry), resample_s=round(wall2, 2),
             pixel_std=round(float(pixels.std()), 2), latent_std=round(float(latent.std()), 3))
 
 
 @pytest.mark.server
 def test_txt2img_through_unet_loader(comfy_server_unchecked, server_models, tiny_checkpoint, tiny_unet) -> None:
     server = comfy_server_unchecked
-    assets.install(tiny_checkpoint, server_models / "checkpoints", TINY_CKPT)
-    assets.install(tiny_unet, server_models / "diffusion_models", TINY_UNET)
+    install(tiny_checkpoint, server_models / "checkpoints", TINY_CKPT)
+    install(tiny_unet, server_models / "diffusion_models", TINY_UNET)
     graph = api_graph_unet_txt2img(TINY_UNET, TINY_CKPT, steps=4, filename_prefix="assets_unet", save_latent=True)
     entry, _, wall = _run_and_check(server, graph)
     _check_outputs(server, entry)
-    _report("server txt2img (UNETLoader, tiny)", wall_s=round(wall, 2), exec_s=assets.execution_seconds(entry))
+    _report("server txt2img (UNETLoader, tiny)", wall_s=round(wall, 2), exec_s=execution_seconds(entry))
 
 
 @pytest.mark.server
@@ -251,14 +257,14 @@ def test_full_size_unet_parameter_count(tmp_path: Path) -> None:
     detection recognise it from shapes alone (meta tensors: nothing is loaded) and deletes it."""
     import torch
 
-    comfy = assets.import_comfy()
+    comfy = import_comfy()
     path = tmp_path / FULL_UNET
     try:
-        asset = assets.write_sd15_unet(path, full_size=True)
-        assert asset.parameters == assets.SD15_UNET_PARAMS == 859_520_964
-        assert assets.count_parameters(path) == 859_520_964
+        asset = write_sd15_unet(path, full_size=True)
+        assert asset.parameters == SD15_UNET_PARAMS == 859_520_964
+        assert count_parameters(path) == 859_520_964
         assert asset.nbytes == path.stat().st_size > 2 * 859_520_964
-        header = assets.read_safetensors_header(path)
+        header = read_safetensors_header(path)
         sd = {k: torch.empty(v["shape"], dtype=torch.float16, device="meta") for k, v in header.items()
               if k != "__metadata__"}
         config = comfy.model_detection.model_config_from_unet(sd, "")
@@ -275,11 +281,11 @@ def test_full_size_unet_parameter_count(tmp_path: Path) -> None:
 @pytest.mark.skipif(os.environ.get("TUNEQDM_FULL_SIZE") != "1", reason="set TUNEQDM_FULL_SIZE=1 (1.7 GB file, ~30 s)")
 def test_full_size_unet_samples_in_server(comfy_server_unchecked, server_models, tiny_checkpoint) -> None:
     server = comfy_server_unchecked
-    full = assets.cached_sd15_unet(full_size=True)
-    assets.install(full, server_models / "diffusion_models", FULL_UNET)
-    assets.install(tiny_checkpoint, server_models / "checkpoints", TINY_CKPT)
+    full = cached_sd15_unet(full_size=True)
+    install(full, server_models / "diffusion_models", FULL_UNET)
+    install(tiny_checkpoint, server_models / "checkpoints", TINY_CKPT)
     graph = api_graph_unet_txt2img(FULL_UNET, TINY_CKPT, steps=2, filename_prefix="assets_full", save_latent=True)
     entry, _, wall = _run_and_check(server, graph, timeout=600)
     _check_outputs(server, entry)
     _report("server txt2img (UNETLoader, full 860M)", write_s=round(full.seconds, 2), reused=full.reused,
-            wall_s=round(wall, 2), exec_s=assets.execution_seconds(entry))
+            wall_s=round(wall, 2), exec_s=execution_seconds(entry))

@@ -1,56 +1,95 @@
-"""The benchmark's plain-torch SD 1.5 UNet and the memory benchmark's tiny path (seconds, no GPU)."""
+"""The benchmarks' SD 1.5 UNet (ComfyUI's own, through the checkout's host) and the memory benchmark's tiny
+path (seconds, no GPU)."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
 
-from tuneqdm_core.bench import memory
-from tuneqdm_core.bench.sd15_unet import count_layers, sd15_unet
+from tuneqdm_bench import memory
+from tuneqdm_bench.comfy_unet import TINY_UNET_CONFIG, checkpointed_blocks, count_layers, run, sd15_unet
+from tuneqdm_fixtures.host import import_comfy
+from tuneqdm_fixtures.paths import checkout, subprocess_env
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = checkout()
 
 
-def test_sd15_unet_matches_comfyui_parameter_count_on_meta():
-    with torch.device("meta"):
-        model = sd15_unet()
+def test_sd15_unet_is_comfyuis_own_with_the_sd15_parameter_count_on_meta():
+    model = sd15_unet(device="meta")
+    assert type(model) is import_comfy().ldm.modules.diffusionmodules.openaimodel.UNetModel
     assert sum(p.numel() for p in model.parameters()) == 859_520_964
     assert count_layers(model) == 282
     assert all(p.is_meta for p in model.parameters())
-    # ComfyUI's module names, so layer-name patterns carry over.
     names = dict(model.named_modules())
     for name in ("input_blocks.1.1.transformer_blocks.0.attn2.to_k", "middle_block.1.proj_in",
                  "output_blocks.11.0.skip_connection", "time_embed.2", "out.2"):
         assert name in names
 
 
-def test_tiny_unet_forward_backward_with_and_without_checkpointing():
+def test_sd15_unet_off_meta_gets_torchs_default_init():
+    model = sd15_unet(tiny=True)
+    # ComfyUI's operations leave the storage uninitialised; torch's init bounds a Linear by 1/sqrt(fan_in).
+    layer = model.get_submodule("input_blocks.1.1.transformer_blocks.0.attn1.to_q")
+    assert 0 < layer.weight.abs().max() <= layer.in_features ** -0.5
+    norm = model.get_submodule("out.0")
+    assert torch.equal(norm.weight, torch.ones_like(norm.weight)) and torch.equal(norm.bias, torch.zeros_like(norm.bias))
+
+
+def test_the_benchmark_forward_uses_pytorch_attention(monkeypatch):
+    attention = import_comfy().ldm.modules.attention
+    calls = []
+    original = attention.attention_pytorch
+    monkeypatch.setattr(attention, "attention_pytorch", lambda *a, **k: calls.append(1) or original(*a, **k))
+    model = sd15_unet(tiny=True)
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([3.0])
+    ctx = torch.randn(1, 77, TINY_UNET_CONFIG["context_dim"])
+    with torch.no_grad():
+        run(model, x, t, ctx)
+    attentions = [m for m in model.modules() if type(m) is attention.CrossAttention]
+    assert len(attentions) == 2 * 6  # self- and cross-attention of 2 input, 1 middle and 3 output transformers
+    assert len(calls) == len(attentions)
+
+
+def test_tiny_unet_forward_backward_with_and_without_checkpointing(monkeypatch):
     torch.manual_seed(0)
     model = sd15_unet(tiny=True)
-    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([3.0, 900.0]), torch.randn(2, 77, model.context_dim)
-    grads = []
+    openaimodel = import_comfy().ldm.modules.diffusionmodules.openaimodel
+    calls = []
+    original = openaimodel.forward_timestep_embed
+    monkeypatch.setattr(openaimodel, "forward_timestep_embed", lambda *a, **k: calls.append(1) or original(*a, **k))
+    counted = openaimodel.forward_timestep_embed
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([3.0, 900.0])
+    ctx = torch.randn(2, 77, TINY_UNET_CONFIG["context_dim"])
+    grads, runs = [], []
     for ckpt in (False, True):
-        model.checkpointing = ckpt
         model.zero_grad(set_to_none=True)
-        y = model(x, t, ctx)
-        assert y.shape == x.shape
-        y.square().mean().backward()
+        calls.clear()
+        with checkpointed_blocks(ckpt):
+            y = run(model, x, t, ctx)
+            assert y.shape == x.shape
+            y.square().mean().backward()
+        runs.append(len(calls))
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert openaimodel.forward_timestep_embed is counted  # restored on exit
+    blocks = len(model.input_blocks) + 1 + len(model.output_blocks)
+    assert runs == [blocks, 2 * blocks]  # checkpointed, every block runs again in backward
     assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6)
 
 
 def test_memory_one_tiny_in_a_subprocess():
-    out = subprocess.run([sys.executable, "-m", "tuneqdm_core.bench", "memory", "--one", "w4", "--latent", "8",
-                          "--tiny", "--checkpointing"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-m", "tuneqdm_bench", "memory", "--one", "w4", "--latent", "8",
+                          "--tiny", "--checkpointing"], cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+                         timeout=300)
     assert out.returncode == 0, out.stderr
     line = next(x for x in out.stdout.splitlines() if x.startswith(memory.RESULT_TAG))
     r = json.loads(line[len(memory.RESULT_TAG):])
     assert (r["variant"], r["latent"], r["checkpointing"], r["status"]) == ("w4", 8, True, "ok")
+    assert math.isfinite(r["loss"])
     assert r["peak_rss"] >= r["baseline_rss"] > 0 and r["peak_above_baseline"] > 0
-    assert r["quantized_layers"] == count_layers(sd15_unet(tiny=True)) and r["bits"] == 4
+    assert r["quantized_layers"] == count_layers(sd15_unet(tiny=True, device="meta")) and r["bits"] == 4
     assert 0 < r["trainable_params"] < r["params"]
     assert r["attention"] == "torch scaled_dot_product_attention"
 
@@ -58,11 +97,12 @@ def test_memory_one_tiny_in_a_subprocess():
 def test_every_variant_runs_tiny_in_process():
     for variant in ("fp32-full", "reference", "w8"):  # w4: in a subprocess above
         r = memory.run_one(variant, 8, checkpointing=variant in ("reference", "w8"), tiny=True)
-        assert r["status"] == "ok" and r["step_s"] > 0, variant
+        assert r["status"] == "ok" and r["step_s"] > 0 and math.isfinite(r["loss"]), variant
         if variant == "fp32-full":
             assert r["trainable_params"] == r["params"]
         else:
-            assert r["trainable_params"] < r["params"] and r["quantized_layers"] == 121
+            assert r["trainable_params"] < r["params"]
+            assert r["quantized_layers"] == count_layers(sd15_unet(tiny=True, device="meta"))
 
 
 def test_reference_layer_rebuilds_the_weight_of_the_routed_expert():

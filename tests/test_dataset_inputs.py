@@ -8,7 +8,9 @@ import sys
 import pytest
 import torch
 
-from comfy_host import REPO_ROOT
+from tuneqdm_fixtures.paths import checkout
+
+REPO_ROOT = checkout()
 
 
 def _dataset_inputs():

@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from assets import Graph, output_files, read_images
-from tuneqdm_core.digits import data
-from tuneqdm_core.digits.metrics import Judge, load_classifier
+from tuneqdm_demo import data
+from tuneqdm_demo.metrics import Judge, load_classifier
+from tuneqdm_fixtures.graph import Graph, output_files, read_images
 
 pytestmark = pytest.mark.server
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from tuneqdm_core import FileFormatError
-from tuneqdm_core.digits import data, files
-from tuneqdm_core.digits.metrics import Judge, load_classifier
+from tuneqdm_demo import data, files
+from tuneqdm_demo.metrics import Judge, load_classifier
 
 REPO = files.ASSETS.parent
 
@@ -53,7 +53,7 @@ def test_corrupted_or_wrong_default_files_are_refused(tmp_path):
         files.load_file(bad, files.UNET_FORMAT)
     with pytest.raises(FileFormatError, match="expected a digits-classifier file"):
         files.load_file(files.UNET_FILE, files.CLASSIFIER_FORMAT)
-    with pytest.raises(FileNotFoundError, match="train_default_model"):
+    with pytest.raises(FileNotFoundError, match="tuneqdm_demo.train"):
         files.load_file(tmp_path / "missing.safetensors", files.UNET_FORMAT)
 
 
@@ -69,7 +69,7 @@ def test_classifier_recognises_real_digits_and_scores_the_subject():
 
 
 def test_text_encoder_gives_fixed_length_minilm_states():
-    from tuneqdm_core.digits.text import TOKENS, WIDTH, TextEncoder
+    from tuneqdm_demo.text import TOKENS, WIDTH, TextEncoder
 
     encoder = TextEncoder()
     states, pooled = encoder.encode(data.SUBJECT_PROMPT)
@@ -79,7 +79,7 @@ def test_text_encoder_gives_fixed_length_minilm_states():
 
 
 def test_quality_benchmark_runs_end_to_end_with_tiny_settings():
-    cmd = [sys.executable, "-m", "tuneqdm_core.bench", "quality", "--seeds", "1", "--steps", "3", "--samples", "4",
+    cmd = [sys.executable, "-m", "tuneqdm_bench", "quality", "--seeds", "1", "--steps", "3", "--samples", "4",
            "--prompt-samples", "1", "--sample-steps", "3", "--rows", "1,12", "--json"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -26,8 +26,10 @@ import numpy as np
 import pytest
 import torch
 
-from assets import import_pack
-from comfy_host import REPO_ROOT
+from tuneqdm_fixtures.host import import_pack
+from tuneqdm_fixtures.paths import checkout
+
+REPO_ROOT = checkout()
 
 STEPS = 3
 CAPTION = "a sks digit"
@@ -66,7 +68,7 @@ def files(pack, tmp_path_factory) -> dict[str, Path]:
     from tuneqdm_pack.nodes.default_model import load_model
     from tuneqdm_pack.nodes.patcher import quantize_patcher
     from tuneqdm_pack.tuneqdm_core import TuneQDMConfig
-    from tuneqdm_pack.tuneqdm_core.digits import data
+    from tuneqdm_pack.tuneqdm_demo import data
 
     root = tmp_path_factory.mktemp("distributed")
     images = root / "images"

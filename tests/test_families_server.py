@@ -1,12 +1,12 @@
 """The model families people use today (SDXL, SD3.5 Medium, Flux, Wan 2.1 T2V) through ComfyUI 0.8's stock
-UNETLoader, at test size (tests/family_files.py: each family's exact tensor names, detected as that family):
+UNETLoader, at test size (tuneqdm_fixtures/families.py: each family's exact tensor names, detected as that family):
 quantize-on-load and Quantize UNet at W4 and W8 -> stock KSampler with the family's own latent format and
 conditioning shapes; routing over every expert with the family's own model_sampling; Train TuneQDM Scales
 3 steps -> Save Scales -> Load Scales -> the trained latent (to fp16 rounding of the saved scales). Flux
 trains with activation checkpointing (its in-place residual adds: tuneqdm_core/out_of_place.py), Wan from
 5-D video latents on the `latents` input.
 
-Conditioning and the VAE come from tests/fixture_nodes/tuneqdm_family_fixtures (random tensors of the
+Conditioning and the VAE come from tuneqdm_fixtures/fixture_nodes/tuneqdm_family_fixtures (random tensors of the
 family's shapes, and a fixed pixel codec in the VAE's place): no text encoder or VAE weights exist here.
 Numbers are relative L2 distances between final latents. Full-size files: TUNEQDM_FULL_SIZE=1."""
 from __future__ import annotations
@@ -23,13 +23,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from assets import Graph, install, output_files
-from comfy_host import PACK_FOLDER, REPO_ROOT, ComfyServer, host_version
-from family_files import FAMILIES, FLUX_DEV_DEPTH, SDXL_UNET_PARAMS, family_specs, write_family_file
+from tuneqdm_fixtures.checkpoints import install
+from tuneqdm_fixtures.families import (FAMILIES, FAMILY_NODES, FLUX_DEV_DEPTH, SDXL_UNET_PARAMS, family_specs,
+                                       write_family_file)
+from tuneqdm_fixtures.graph import Graph, output_files
+from tuneqdm_fixtures.host import host_version
+from tuneqdm_fixtures.paths import checkout
+from tuneqdm_fixtures.server import PACK_FOLDER, ComfyServer
 
 pytestmark = pytest.mark.server
 
-FIXTURES = Path(__file__).resolve().parent / "fixture_nodes" / "tuneqdm_family_fixtures"
 EXPERTS = 4
 # Per-channel base steps: the default group-wise fit (group 32, least-squares refits) costs several times more
 # on these 2 cores and changes nothing family-specific; tests/test_quantize_on_load_server.py covers it, and
@@ -81,7 +84,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def server() -> ComfyServer:
     if host_version() < (0, 8, 0):
         pytest.skip(f"the family tests target ComfyUI 0.8.0 (host {host_version()})")
-    srv = ComfyServer(custom_nodes={PACK_FOLDER: REPO_ROOT, FIXTURES.name: FIXTURES}).start()
+    srv = ComfyServer(custom_nodes={PACK_FOLDER: checkout(), FAMILY_NODES.name: FAMILY_NODES}).start()
     try:
         info = srv.object_info()
         missing = [n for n in ("TuneQDMLoadQuantizeDiffusionModel", "TestFamilyConditioning") if n not in info]
@@ -298,7 +301,7 @@ def load_and_measure(family: str, size: str, dtype: str) -> tuple[dict[str, Any]
     step at the smallest latent: seconds, the server's peak RSS (baseline, after the load, after the step)
     and the weight bytes from the loader's report."""
     asset = write_family_file(family, size, dtype)
-    srv = ComfyServer(custom_nodes={PACK_FOLDER: REPO_ROOT, FIXTURES.name: FIXTURES}).start()
+    srv = ComfyServer(custom_nodes={PACK_FOLDER: checkout(), FAMILY_NODES.name: FAMILY_NODES}).start()
     try:
         baseline = _peak_rss(srv.pid)
         name = install(asset.path, srv.models_dir / "diffusion_models").name

@@ -1,10 +1,13 @@
-"""The test host itself: a real ComfyUI server driven over HTTP by tests/comfy_host.py."""
+"""The test host itself: a real ComfyUI server driven over HTTP by tuneqdm_fixtures/server.py."""
 
 import os
 
 import pytest
 
-from comfy_host import REPO_ROOT, ComfyError, ComfyServer
+from tuneqdm_fixtures.paths import checkout
+from tuneqdm_fixtures.server import ComfyError, ComfyServer
+
+REPO_ROOT = checkout()
 
 pytestmark = pytest.mark.server
 

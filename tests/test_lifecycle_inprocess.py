@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from assets import import_pack
+from tuneqdm_fixtures.host import import_pack
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from assets import Graph, install, output_files
-from comfy_host import host_version
-from default_model_files import conv2d_layers, linear_layers, unet_state, write_fp8, write_lora
-from tuneqdm_core.digits import data
-from tuneqdm_core.digits.files import UNET_FILE
+from tuneqdm_demo import data
+from tuneqdm_demo.files import UNET_FILE
+from tuneqdm_fixtures.checkpoints import install
+from tuneqdm_fixtures.demo_files import conv2d_layers, linear_layers, unet_state, write_fp8, write_lora
+from tuneqdm_fixtures.graph import Graph, output_files
+from tuneqdm_fixtures.host import host_version
 
 pytestmark = pytest.mark.server
 

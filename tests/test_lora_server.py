@@ -9,10 +9,10 @@ import re
 import pytest
 import torch
 
-from assets import install
-from comfy_host import host_version
-from default_model_files import write_loha, write_lora
 from test_lifecycle_server import W8_ERROR, Digits, rel
+from tuneqdm_fixtures.checkpoints import install
+from tuneqdm_fixtures.demo_files import write_loha, write_lora
+from tuneqdm_fixtures.host import host_version
 
 pytestmark = pytest.mark.server
 

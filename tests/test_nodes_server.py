@@ -7,8 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from assets import Graph, add_txt2img, install, output_files, asset_cache_dir, write_tiny_sd15_checkpoint
-from comfy_host import ComfyError
+from tuneqdm_fixtures.checkpoints import install, write_tiny_sd15_checkpoint
+from tuneqdm_fixtures.graph import Graph, add_txt2img, output_files
+from tuneqdm_fixtures.paths import asset_cache_dir
+from tuneqdm_fixtures.server import ComfyError
 
 pytestmark = pytest.mark.server
 
@@ -250,7 +252,7 @@ def test_bad_inputs_fail_with_a_message_on_the_node(comfy_server, ckpt):
 
 
 def test_full_size_sd15_unet_loads_through_the_stock_loader_and_quantizes(comfy_server, comfy_models_dir):
-    from assets import SD15_UNET_PARAMS, write_sd15_unet
+    from tuneqdm_fixtures.checkpoints import SD15_UNET_PARAMS, write_sd15_unet
 
     asset = write_sd15_unet(asset_cache_dir() / "sd15_unet_full_fp16.safetensors", full_size=True)
     name = install(asset.path, comfy_models_dir / "diffusion_models").name

@@ -10,10 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from assets import import_comfy
-from comfy_host import host_version
 from tuneqdm_core.checkpointing import InPlaceInputError, checkpointed
 from tuneqdm_core.out_of_place import augmented_assignment_out_of_place, is_active
+from tuneqdm_fixtures.host import host_version, import_comfy
 
 WIDTH, HEADS = 64, 2
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-import assets
+from tuneqdm_fixtures.checkpoints import cached_sd15_unet
 
 MARGIN = 256 * 2**20
 
@@ -19,7 +19,7 @@ MARGIN = 256 * 2**20
 @pytest.mark.skipif(os.environ.get("TUNEQDM_FULL_SIZE") != "1",
                     reason="set TUNEQDM_FULL_SIZE=1 (writes a 1.7 GB file once; the load takes about a minute)")
 def test_full_size_load_peak_stays_under_the_quantized_model_plus_one_layer():
-    full = assets.cached_sd15_unet(full_size=True)
+    full = cached_sd15_unet(full_size=True)
     probe = Path(__file__).with_name("quantize_on_load_probe.py")
     out = subprocess.run([sys.executable, str(probe), str(full), "4"], capture_output=True, text=True, timeout=900,
                          env={**os.environ, "TRITON_INTERPRET": "1"})

@@ -8,11 +8,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from assets import install, write_tiny_sd15_checkpoint, asset_cache_dir
-from comfy_host import ComfyError, host_version
-from default_model_files import write_fp8
 from test_lifecycle_server import W8_ERROR, Digits, rel
-from tuneqdm_core.digits.files import UNET_FILE
+from tuneqdm_demo.files import UNET_FILE
+from tuneqdm_fixtures.checkpoints import install, write_tiny_sd15_checkpoint
+from tuneqdm_fixtures.demo_files import write_fp8
+from tuneqdm_fixtures.host import host_version
+from tuneqdm_fixtures.paths import asset_cache_dir
+from tuneqdm_fixtures.server import ComfyError
 
 pytestmark = pytest.mark.server
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from comfy_host import host_version
 from test_lifecycle_server import Digits
-from tuneqdm_core.digits import data
+from tuneqdm_demo import data
+from tuneqdm_fixtures.host import host_version
 
 pytestmark = [
     pytest.mark.server,

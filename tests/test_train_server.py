@@ -11,9 +11,11 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from assets import Graph, add_txt2img, asset_cache_dir, install, output_files, write_tiny_sd15_checkpoint
-from comfy_host import host_version
 from test_lifecycle_server import Digits
+from tuneqdm_fixtures.checkpoints import install, write_tiny_sd15_checkpoint
+from tuneqdm_fixtures.graph import Graph, add_txt2img, output_files
+from tuneqdm_fixtures.host import host_version
+from tuneqdm_fixtures.paths import asset_cache_dir
 
 pytestmark = pytest.mark.server
 EXPERTS = 4

@@ -20,7 +20,10 @@ from typing import Any
 
 import pytest
 
-from comfy_host import PACK_FOLDER, REPO_ROOT, ComfyServer
+from tuneqdm_fixtures.paths import checkout
+from tuneqdm_fixtures.server import PACK_FOLDER, ComfyServer
+
+REPO_ROOT = checkout()
 
 pytestmark = pytest.mark.server
 

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from assets import adapted_workflow, asset_cache_dir, install, output_files, write_tiny_sd15_checkpoint
+from tuneqdm_fixtures.checkpoints import install, write_tiny_sd15_checkpoint
+from tuneqdm_fixtures.graph import adapted_workflow, output_files
+from tuneqdm_fixtures.paths import asset_cache_dir
 
 pytestmark = pytest.mark.server
 API_DIR = Path(__file__).resolve().parents[1] / "workflows" / "api"

@@ -31,7 +31,7 @@ from .model import (build_quantized_skeleton, file_state_dict, fingerprint, laye
                     quantized_layers, specs_coded, specs_grouped)
 from .scales import ScaleSet, check_compatible
 
-FORMAT_VERSION = "1"  # sha256 over the tensors only: the embedded default model's files (digits/files.py)
+FORMAT_VERSION = "1"  # sha256 over the tensors only: the embedded default model's files (tuneqdm_demo/files.py)
 METADATA_HASH_VERSION = "2"  # sha256 over tensors and metadata: what scales and quantized-model files are written in
 GROUPED_VERSION = "3"  # as 2, and layers may be group-wise (a `group_size` in their spec): older readers refuse it
 CODED_VERSION = "4"  # as 3, and group steps may be step codes (`group_steps` in a spec): older readers refuse it

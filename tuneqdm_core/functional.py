@@ -31,7 +31,7 @@ weight of `BF16_MIN_WEIGHT` elements) multiplies in bfloat16: x * s_in is writte
 rounding), A is exact in bf16 (|A| <= 255), oneDNN accumulates in fp32 and returns bf16, and
 s_out and the bias are applied in fp32 in the same pass that casts back. About 2x faster per large
 layer on CPUs with bf16 dot instructions; relative error about 2.3e-3 per layer, 7e-3 at the output
-of a random-weight SD 1.5 UNet (see `python -m tuneqdm_core.bench kernels`). "on" uses bf16 for
+of a random-weight SD 1.5 UNet (see `python -m tuneqdm_bench kernels`). "on" uses bf16 for
 every such call regardless of size; "off" (the default) never. It is not the default because bf16
 rounding is not continuous in the scales: sampling with scales that differ by 1e-5 (an fp16
 round trip of the scales file) no longer agrees to 1e-3 over a sampler run on a chaotic random-weight
@@ -183,7 +183,7 @@ def cpu_inference_bf16(mode: str = "auto") -> Iterator[None]:
 
 def _import_kernels():
     """The repo's `kernels` package: relative when the repo is imported as a package (inside ComfyUI),
-    top-level when the repo root is on sys.path (tests, `python -m tuneqdm_core.bench`)."""
+    top-level when the repo root is on sys.path (tests, `python -m tuneqdm_bench`)."""
     if importlib.util.find_spec("triton") is None:
         raise ImportError("triton is not installed")
     try:

@@ -86,7 +86,7 @@ def load_model(spec: str, bits: int = 4, experts: int = 4) -> Any:
 
 def is_default_model(model: Any) -> bool:
     """True for the embedded default (quantized here or saved and reloaded): its UNet config is the digits one."""
-    from tuneqdm_pack.tuneqdm_core.digits.files import UNET_CONFIG
+    from tuneqdm_pack.tuneqdm_demo.files import UNET_CONFIG
 
     config = model.model.model_config.unet_config
     return all(config.get(k) == v for k, v in UNET_CONFIG.items() if isinstance(v, (int, str, bool)))

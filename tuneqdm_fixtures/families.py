@@ -13,8 +13,8 @@ Sizes: `full` is the real architecture (SDXL UNet 2.57B, SD3.5 Medium, Wan 2.1 T
 true widths with a reduced number of blocks, see FLUX_FULL_DEPTH). `test` is the smallest file ComfyUI
 still detects as the family (why each is as small as it is: the comments on the configs).
 
-Files are written tensor by tensor by `assets.write_safetensors_streaming` (the whole model is never in
-memory) into `assets.asset_cache_dir()`, and reused when the cached file is this exact asset.
+Files are written tensor by tensor by `checkpoints.write_safetensors_streaming` (the whole model is never in
+memory) into `paths.asset_cache_dir()`, and reused when the cached file is this exact asset.
 """
 from __future__ import annotations
 
@@ -23,8 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from assets import (Asset, TensorSpec, _cached_or_write, asset_cache_dir, import_comfy,
-                    write_safetensors_streaming)
+from .checkpoints import Asset, TensorSpec, _cached_or_write, write_safetensors_streaming
+from .host import import_comfy
+from .paths import asset_cache_dir
+
+#: A test-only custom-node package (conditioning, VAE stand-in, images of each family's shapes) to link into a
+#: server's custom_nodes beside the pack, since no text encoder or VAE weights exist on the test machines.
+FAMILY_NODES = Path(__file__).resolve().parent / "fixture_nodes" / "tuneqdm_family_fixtures"
 
 # ---- the families' configs, as comfy.model_detection.detect_unet_config returns them -------------------------
 
@@ -199,5 +204,5 @@ def parameters(family: str, size: str) -> int:
     return sum(s.numel for s in family_specs(family, size).values())
 
 
-__all__ = ["FAMILIES", "Family", "family_specs", "write_family_file", "file_name", "parameters",
+__all__ = ["FAMILIES", "FAMILY_NODES", "Family", "family_specs", "write_family_file", "file_name", "parameters",
            "write_safetensors_streaming", "FLUX_DEV_DEPTH", "FLUX_FULL_DEPTH", "SDXL_UNET_PARAMS"]

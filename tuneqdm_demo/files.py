@@ -8,9 +8,10 @@ from pathlib import Path
 
 import torch
 
-from ..fileio import FORMAT_VERSION, atomic_save, digest, read_verified
+from .core import FORMAT_VERSION, atomic_save, digest, read_verified
 
-ASSETS = Path(__file__).resolve().parents[2] / "assets"
+# The pack's own assets/ folder, shipped beside this package.
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
 UNET_FILE = ASSETS / "digits_unet.safetensors"
 CLASSIFIER_FILE = ASSETS / "digits_classifier.safetensors"
 UNET_FORMAT = "default-unet"
@@ -42,6 +43,6 @@ def save_file(path: str | Path, fmt: str, tensors: dict[str, torch.Tensor], info
 def load_file(path: str | Path, fmt: str) -> tuple[dict[str, torch.Tensor], dict]:
     """-> (tensors, info); a missing file says how to make it."""
     if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: missing; it ships with the pack, or run scripts/train_default_model.py")
+        raise FileNotFoundError(f"{path}: missing; it ships with the pack, or run `python -m tuneqdm_demo.train`")
     meta, tensors = read_verified(path, fmt)
     return tensors, json.loads(meta.get("tuneqdm.info", "{}"))

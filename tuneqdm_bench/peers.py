@@ -2,8 +2,8 @@
 ComfyUI server (the full-size SD1.5 UNet, random weights, fp16 file; CLIP and VAE from a checkpoint),
 and the figure is that server process's peak resident memory (VmHWM).
 
-    python -m tuneqdm_core.bench peers [--rows train|infer|all] [--only TEXT ...] [--attention default|pytorch|both]
-                                       [--steps 3] [--size 256] [--json]
+    python -m tuneqdm_bench peers [--rows train|infer|all] [--only TEXT ...] [--attention default|pytorch|both]
+                                  [--steps 3] [--size 256] [--json]
 
 Training rows: UNETLoader -> TrainLoraNode (rank 8 fp32, rank 8 bf16, rank 32 fp32) against the pack's
 UNETLoader -> Quantize UNet -> Train TuneQDM Scales (W4, W8), Load Quantized UNet (a W4 file) -> Train,
@@ -21,16 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests"))
-
-from assets import (Graph, asset_cache_dir, cached_sd15_unet, install,  # noqa: E402
-                    write_tiny_sd15_checkpoint)
-from comfy_host import ComfyServer  # noqa: E402
+from tuneqdm_fixtures.checkpoints import cached_sd15_unet, install, write_tiny_sd15_checkpoint
+from tuneqdm_fixtures.graph import Graph
+from tuneqdm_fixtures.paths import asset_cache_dir
+from tuneqdm_fixtures.server import ComfyServer
 
 UNET = "sd15_full_fp16.safetensors"
 CKPT = "tiny_sd15.safetensors"

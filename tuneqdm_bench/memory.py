@@ -1,6 +1,6 @@
 """Peak memory and time of ONE training step (batch 1) of the SD 1.5 UNet, per training variant.
 
-    python -m tuneqdm_core.bench memory [--latent 64] [--json]
+    python -m tuneqdm_bench memory [--latent 64] [--json]
 
 Variants (each with and without activation checkpointing of the UNet's top-level blocks):
   fp32-full  float32 full fine-tuning, all 860M parameters trainable, torch AdamW.
@@ -33,12 +33,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import TuneQDMConfig
-from ..layers import QuantLayer
-from ..model import get_router, quantize_model, tensor_bytes
-from ..optim import ExpertAdamW
-from ..quant import quantize_weight, unpack
-from .sd15_unet import ATTENTION, SD15UNet, count_layers, sd15_unet
+from tuneqdm_core.config import TuneQDMConfig
+from tuneqdm_core.layers import QuantLayer
+from tuneqdm_core.model import get_router, quantize_model, tensor_bytes
+from tuneqdm_core.optim import ExpertAdamW
+from tuneqdm_core.quant import quantize_weight, unpack
+from tuneqdm_demo.model import reset_parameters
+from tuneqdm_fixtures.paths import checkout, subprocess_env
+
+from .comfy_unet import ATTENTION, checkpointed_blocks, count_layers, run, sd15_unet, unet_config
 
 VARIANTS = ("fp32-full", "reference", "w8", "w4")
 EXPERTS = 4
@@ -111,7 +114,7 @@ class RefQuantConv2d(RefQuantLayer):
 
 def init_float_layer(name: str, layer: nn.Module) -> None:
     """Kaiming-uniform weights (torch's default init), for a layer just given real storage."""
-    layer.reset_parameters()
+    reset_parameters(layer, recurse=False)
 
 
 def materialize_rest(model: nn.Module, device: torch.device) -> None:
@@ -121,12 +124,11 @@ def materialize_rest(model: nn.Module, device: torch.device) -> None:
         own = [t for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
         if any(t.is_meta for t in own):
             m.to_empty(device=device, recurse=False)
-            m.reset_parameters()
+            reset_parameters(m, recurse=False)
 
 
-def meta_unet(tiny: bool) -> SD15UNet:
-    with torch.device("meta"):
-        return sd15_unet(tiny=tiny)
+def meta_unet(tiny: bool) -> nn.Module:
+    return sd15_unet(tiny=tiny, device="meta")
 
 
 def swap_reference_layers(model: nn.Module, bits: int, router: RefRouter) -> None:
@@ -235,7 +237,6 @@ def run_one(variant: str, latent: int, checkpointing: bool, tiny: bool = False, 
     start = time.perf_counter()
     setup = BUILDERS[variant](tiny, dev)
     model = setup.model
-    model.checkpointing = checkpointing
     build_s = time.perf_counter() - start
     mark("built")
 
@@ -243,14 +244,14 @@ def run_one(variant: str, latent: int, checkpointing: bool, tiny: bool = False, 
     x = torch.randn(1, model.in_channels, latent, latent, generator=gen).to(dev)
     target = torch.randn(x.shape, generator=gen).to(dev)
     t = torch.randint(0, NUM_TIMESTEPS, (1,), generator=gen).to(dev)
-    context = torch.randn(1, 77, model.context_dim, generator=gen).to(dev)
+    context = torch.randn(1, 77, unet_config(tiny)["context_dim"], generator=gen).to(dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
 
     _sync(dev)
     start = time.perf_counter()
-    with setup.route(t) as experts:
-        loss = F.mse_loss(model(x, t, context), target)
+    with setup.route(t) as experts, checkpointed_blocks(checkpointing):
+        loss = F.mse_loss(run(model, x, t, context), target)
         mark("forward")
         loss.backward()
         mark("backward")
@@ -293,11 +294,11 @@ def spawn_one(variant: str, latent: int, checkpointing: bool, args: argparse.Nam
     """Run one variant in a child process, watching free memory: the child is killed (and the row says
     so) if the machine's available memory falls below the reserve."""
     row = {"variant": variant, "latent": latent, "checkpointing": checkpointing, "tiny": args.tiny}
-    cmd = [sys.executable, "-m", "tuneqdm_core.bench", "memory", "--one", variant, "--latent", str(latent),
+    cmd = [sys.executable, "-m", "tuneqdm_bench", "memory", "--one", variant, "--latent", str(latent),
            "--device", args.device, "--seed", str(args.seed)]
     cmd += ["--checkpointing"] * checkpointing + ["--tiny"] * args.tiny
-    root = str(Path(__file__).resolve().parents[2])
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    root = checkout()
+    env = subprocess_env()
     reserve = int(args.reserve_gib * GiB)
     killed_at = None
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
@@ -457,7 +458,7 @@ def run_all(args: argparse.Namespace) -> list[dict]:
 
 def code_version() -> dict:
     """The commit measured, and which core files differed from it (others edit while benchmarks run)."""
-    root = Path(__file__).resolve().parents[2]
+    root = checkout()
     try:
         def git(*a: str) -> str:
             return subprocess.run(["git", *a], cwd=root, capture_output=True, text=True, timeout=30).stdout.strip()
@@ -483,7 +484,7 @@ def report(rows: list[dict], tiny: bool, as_json: bool, default_device: str = "c
         return
     print(f"attention: {ATTENTION}; device: {device}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; batch 1, {EXPERTS} experts")
-    print(f"UNet ({'tiny' if tiny else 'SD 1.5'}, plain torch): {arch['params']:,} parameters, "
+    print(f"UNet ({'tiny' if tiny else 'SD 1.5'}, ComfyUI's UNetModel): {arch['params']:,} parameters, "
           f"{arch['linear_conv2d_layers']} Linear/Conv2d layers")
     print(format_table(rows))
     print(format_targets(entries, measures))

@@ -1,4 +1,4 @@
-"""Real, loadable model files with random weights, and API-graph builders, for tests.
+"""Real, loadable model files with random weights, for the tests and benchmarks.
 
 No model weights can be downloaded on the test machines, so the tests make their own files:
 
@@ -20,27 +20,25 @@ GroupNorm/LayerNorm weights 1, all biases 0, CLIP `position_ids` = arange(77) as
 Outputs are meaningless but finite and not constant.
 
 Importing this module does not import ComfyUI; the functions that need its classes import it lazily from the
-`.comfyui` host (with `--cpu` set first). The graph builders (`Graph`, `add_txt2img`, `api_graph_txt2img`,
-`api_graph_unet_txt2img`) need nothing but the standard library.
+checkout's host (`host.import_comfy`, with `--cpu` set first). Files are cached in `paths.asset_cache_dir()`.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
 import struct
-import sys
 import time
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from .host import import_comfy
+from .paths import asset_cache_dir
 
 #: Bumped whenever the layout or initialisation of generated files changes: cached files are then rewritten.
 ASSET_VERSION = "1"
@@ -76,22 +74,6 @@ _SAFETENSORS_DTYPES = {"float16": "F16", "float32": "F32", "bfloat16": "BF16", "
                        "float8_e4m3fn": "F8_E4M3"}
 _DTYPE_ALIASES = {"fp16": "float16", "float16": "float16", "half": "float16", "fp32": "float32",
                   "float32": "float32", "float": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16"}
-
-
-def import_comfy() -> Any:
-    """Makes the `.comfyui` host importable (CPU mode) and returns the `comfy` package."""
-    from tuneqdm_core.bench.host import import_comfy as host_import_comfy
-
-    return host_import_comfy()
-
-
-def import_pack() -> Any:
-    """The pack imported as ComfyUI imports it (package `tuneqdm_pack`, whose `nodes` import ComfyUI), after
-    `import_comfy`: the headless trainer's own loader, so tests and trainer share one copy of its classes."""
-    import_comfy()
-    from tuneqdm_train.sources import pack
-
-    return pack()
 
 
 # ---- tensor specifications ---------------------------------------------------------------------------------
@@ -160,17 +142,23 @@ def _sd15_model_config(unet_config: Mapping[str, Any]) -> Any:
     return comfy.supported_models.SD15(dict(unet_config))
 
 
-def sd15_unet_specs(full_size: bool = False, prefix: str = "") -> dict[str, TensorSpec]:
-    """The SD1.5 UNet's tensors (full size or the one-level cut-down), keys prefixed with `prefix`."""
+def sd15_unet(unet_config: Mapping[str, Any], device: Any = "meta") -> Any:
+    """ComfyUI's own SD1.5-family `UNetModel` for `unet_config` (as detect_unet_config returns it; SD15 adds
+    its heads), with ComfyUI's operations, which leave the weights uninitialised: on the meta device (the
+    default) it is the structure alone, with no storage."""
     import torch
 
     comfy = import_comfy()
-    model_config = _sd15_model_config(SD15_UNET_CONFIG if full_size else SD15_TINY_UNET_CONFIG)
-    with torch.device("meta"):
-        unet = comfy.ldm.modules.diffusionmodules.openaimodel.UNetModel(
-            **model_config.unet_config, device="meta", operations=comfy.ops.disable_weight_init)
-    specs = _module_specs(unet)
-    return _rename(specs, lambda sd: {prefix + k: v for k, v in sd.items()})
+    model_config = _sd15_model_config(unet_config)
+    with torch.device(device):
+        return comfy.ldm.modules.diffusionmodules.openaimodel.UNetModel(
+            **model_config.unet_config, device=device, operations=comfy.ops.disable_weight_init)
+
+
+def sd15_unet_specs(full_size: bool = False, prefix: str = "") -> dict[str, TensorSpec]:
+    """The SD1.5 UNet's tensors (full size or the one-level cut-down), keys prefixed with `prefix`."""
+    unet = sd15_unet(SD15_UNET_CONFIG if full_size else SD15_TINY_UNET_CONFIG)
+    return _rename(_module_specs(unet), lambda sd: {prefix + k: v for k, v in sd.items()})
 
 
 def sd15_clip_specs() -> dict[str, TensorSpec]:
@@ -417,14 +405,6 @@ def cached_sd15_unet(full_size: bool, dtype: Any = "fp16") -> Asset:
     return write_sd15_unet(asset_cache_dir() / name, full_size=True, dtype=dtype)
 
 
-def asset_cache_dir() -> Path:
-    """Where generated files are kept between test sessions: $TUNEQDM_ASSET_CACHE, else .pytest_cache/ (git-ignored)."""
-    env = os.environ.get("TUNEQDM_ASSET_CACHE")
-    folder = Path(env) if env else REPO_ROOT / ".pytest_cache" / "tuneqdm-assets"
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
-
-
 def install(src: str | os.PathLike[str], folder: str | os.PathLike[str], name: str | None = None) -> Path:
     """Puts a (cached) file into a server's model folder: hard link, else symlink, else copy. Returns the new path.
 
@@ -449,251 +429,3 @@ def install(src: str | os.PathLike[str], folder: str | os.PathLike[str], name: s
     return dst
 
 
-# ---- ComfyUI API graphs ------------------------------------------------------------------------------------
-
-Ref = list  # an output reference in API format: [node_id, output_index]
-
-
-@dataclass(frozen=True)
-class Node:
-    """A node of a `Graph`. `node.out(i)` (or `node[i]`) is a reference to its i-th output."""
-
-    graph: "Graph"
-    id: str
-
-    @property
-    def class_type(self) -> str:
-        return self.graph.nodes[self.id]["class_type"]
-
-    @property
-    def inputs(self) -> dict[str, Any]:
-        return self.graph.nodes[self.id]["inputs"]
-
-    def out(self, index: int = 0) -> Ref:
-        return [self.id, index]
-
-    def __getitem__(self, index: int) -> Ref:
-        return self.out(index)
-
-    def set(self, **inputs: Any) -> "Node":
-        """Sets (or overrides) inputs; a Node given as a value means its output 0."""
-        self.inputs.update({k: _as_input(v) for k, v in inputs.items()})
-        return self
-
-
-def _as_input(value: Any) -> Any:
-    if isinstance(value, Node):
-        return value.out(0)
-    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int):
-        return [value[0], value[1]]
-    return value
-
-
-def _is_ref(value: Any) -> bool:
-    return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int)
-
-
-class Graph:
-    """Builds a ComfyUI API-format prompt: `{"1": {"class_type": ..., "inputs": {...}}, ...}`.
-
-        g = Graph()
-        ckpt = g.node("CheckpointLoaderSimple", ckpt_name="tiny.safetensors")
-        q = g.node("TuneQDMQuantizeUNet", model=ckpt.out(0))     # any node, custom ones included
-        g.node("KSampler", model=q.out(0), ...)
-        server.run(g.to_api())
-
-    `insert(ref, class_type, input_name, ...)` splices a node after an existing output (every consumer of that
-    output is rewired to the new node's output 0).
-    """
-
-    def __init__(self, first_id: int = 1) -> None:
-        self.nodes: dict[str, dict[str, Any]] = {}
-        self._next_id = first_id
-
-    def node(self, class_type: str, /, *, _id: str | int | None = None, _title: str | None = None,
-             **inputs: Any) -> Node:
-        """Adds a node; keyword arguments are its inputs (a Node or [id, index] for a link). `_id` fixes the id
-        (default: the next free integer), `_title` sets the UI title; both are underscored so that they never
-        collide with a node's own input names."""
-        node_id = _id
-        if node_id is None:
-            while str(self._next_id) in self.nodes:
-                self._next_id += 1
-            node_id = self._next_id
-            self._next_id += 1
-        node_id = str(node_id)
-        if node_id in self.nodes:
-            raise ValueError(f"node id {node_id} already used")
-        entry: dict[str, Any] = {"class_type": class_type, "inputs": {k: _as_input(v) for k, v in inputs.items()}}
-        if _title is not None:
-            entry["_meta"] = {"title": _title}
-        self.nodes[node_id] = entry
-        return Node(self, node_id)
-
-    def __getitem__(self, node_id: str | int) -> Node:
-        if str(node_id) not in self.nodes:
-            raise KeyError(node_id)
-        return Node(self, str(node_id))
-
-    def __iter__(self) -> Iterator[Node]:
-        return (Node(self, i) for i in list(self.nodes))
-
-    def __len__(self) -> int:
-        return len(self.nodes)
-
-    def find(self, class_type: str) -> list[Node]:
-        return [n for n in self if n.class_type == class_type]
-
-    def consumers(self, ref: Ref | Node) -> list[tuple[Node, str]]:
-        """Every (node, input name) that takes `ref` as input."""
-        ref = _as_input(ref)
-        return [(n, k) for n in self for k, v in n.inputs.items() if _is_ref(v) and v == ref]
-
-    def rewire(self, old: Ref | Node, new: Ref | Node, skip: Iterable[Node] = ()) -> int:
-        """Points every input that takes `old` at `new` instead (except on `skip` nodes); returns how many."""
-        skip_ids = {n.id for n in skip}
-        count = 0
-        for n, k in self.consumers(old):
-            if n.id not in skip_ids:
-                n.inputs[k] = _as_input(new)
-                count += 1
-        return count
-
-    def insert(self, ref: Ref | Node, class_type: str, input_name: str, /, **inputs: Any) -> Node:
-        """Adds `class_type` taking `ref` as `input_name` and moves all of `ref`'s consumers to its output 0."""
-        ref = _as_input(ref)
-        new = self.node(class_type, **{input_name: ref}, **inputs)
-        self.rewire(ref, new.out(0), skip=[new])
-        return new
-
-    def remove(self, node: Node | str | int) -> None:
-        node_id = node.id if isinstance(node, Node) else str(node)
-        users = [n.id for n in self for v in n.inputs.values() if _is_ref(v) and v[0] == node_id]
-        if users:
-            raise ValueError(f"node {node_id} still feeds node(s) {users}")
-        del self.nodes[node_id]
-
-    def to_api(self) -> dict[str, Any]:
-        """The dict for POST /prompt's `prompt` field (a deep copy: later edits do not leak into it)."""
-        missing = [(n.id, k, v[0]) for n in self for k, v in n.inputs.items() if _is_ref(v) and v[0] not in self.nodes]
-        if missing:
-            raise ValueError(f"inputs refer to missing nodes: {missing}")
-        return copy.deepcopy(self.nodes)
-
-
-@dataclass(frozen=True)
-class Txt2Img:
-    """The nodes `add_txt2img` created, and the MODEL/CLIP/VAE references it used."""
-
-    graph: Graph
-    model: Ref
-    clip: Ref
-    vae: Ref
-    loader: Node | None
-    positive: Node
-    negative: Node
-    latent: Node
-    sampler: Node
-    decode: Node
-    save: Node
-    save_latent: Node | None
-
-
-def add_txt2img(g: Graph, *, ckpt_name: str | None = None, model: Ref | Node | None = None,
-                clip: Ref | Node | None = None, vae: Ref | Node | None = None,
-                positive: str = "a photograph of an astronaut riding a horse", negative: str = "blurry",
-                width: int = 64, height: int = 64, batch_size: int = 1, seed: int = 0, steps: int = 4,
-                cfg: float = 7.0, sampler_name: str = "euler", scheduler: str = "normal", denoise: float = 1.0,
-                filename_prefix: str = "tuneqdm_test", save_latent: bool = False) -> Txt2Img:
-    """Adds CheckpointLoaderSimple -> CLIPTextEncode x2 -> EmptyLatentImage -> KSampler -> VAEDecode -> SaveImage.
-
-    MODEL, CLIP and VAE come from `CheckpointLoaderSimple(ckpt_name)` unless given as references (e.g. a MODEL
-    from UNETLoader or from a custom node). `save_latent` also writes the sampled latent (SaveLatent, a
-    .latent safetensors file) so a test can check it for NaN: SaveImage turns NaN pixels into 0 silently.
-    """
-    loader = None
-    if ckpt_name is not None:
-        loader = g.node("CheckpointLoaderSimple", ckpt_name=ckpt_name)
-    elif model is None or clip is None or vae is None:
-        raise ValueError("give ckpt_name, or all of model, clip and vae")
-    model_ref = _as_input(model) if model is not None else loader.out(0)
-    clip_ref = _as_input(clip) if clip is not None else loader.out(1)
-    vae_ref = _as_input(vae) if vae is not None else loader.out(2)
-    pos = g.node("CLIPTextEncode", text=positive, clip=clip_ref)
-    neg = g.node("CLIPTextEncode", text=negative, clip=clip_ref)
-    latent = g.node("EmptyLatentImage", width=width, height=height, batch_size=batch_size)
-    sampler = g.node("KSampler", model=model_ref, seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name,
-                     scheduler=scheduler, positive=pos.out(0), negative=neg.out(0), latent_image=latent.out(0),
-                     denoise=denoise)
-    decode = g.node("VAEDecode", samples=sampler.out(0), vae=vae_ref)
-    save = g.node("SaveImage", images=decode.out(0), filename_prefix=filename_prefix)
-    save_latent_node = None
-    if save_latent:
-        save_latent_node = g.node("SaveLatent", samples=sampler.out(0), filename_prefix=f"latents/{filename_prefix}")
-    return Txt2Img(g, model_ref, clip_ref, vae_ref, loader, pos, neg, latent, sampler, decode, save,
-                   save_latent_node)
-
-
-def api_graph_txt2img(ckpt_name: str, **kwargs: Any) -> dict[str, Any]:
-    """The txt2img API graph for a checkpoint (keyword arguments as in `add_txt2img`)."""
-    g = Graph()
-    add_txt2img(g, ckpt_name=ckpt_name, **kwargs)
-    return g.to_api()
-
-
-def api_graph_unet_txt2img(unet_name: str, ckpt_name: str, weight_dtype: str = "default",
-                           **kwargs: Any) -> dict[str, Any]:
-    """txt2img with the MODEL from UNETLoader(unet_name) and CLIP/VAE from CheckpointLoaderSimple(ckpt_name)."""
-    g = Graph()
-    unet = g.node("UNETLoader", unet_name=unet_name, weight_dtype=weight_dtype)
-    ckpt = g.node("CheckpointLoaderSimple", ckpt_name=ckpt_name)
-    add_txt2img(g, model=unet.out(0), clip=ckpt.out(1), vae=ckpt.out(2), **kwargs)
-    return g.to_api()
-
-
-def output_files(history_entry: Mapping[str, Any], output_dir: str | os.PathLike[str],
-                 node_id: str | None = None, kind: str = "images") -> list[Path]:
-    """Paths of the files a prompt wrote (`kind` "images" for SaveImage, "latents" for SaveLatent)."""
-    paths = []
-    for nid, out in history_entry.get("outputs", {}).items():
-        if node_id is not None and nid != str(node_id):
-            continue
-        for item in out.get(kind, []):
-            if item.get("type", "output") == "output":
-                paths.append(Path(output_dir) / item.get("subfolder", "") / item["filename"])
-    return paths
-
-
-def read_images(paths: Iterable[str | os.PathLike[str]]) -> Any:
-    """PNG files -> a ComfyUI IMAGE tensor (B, H, W, 3) in [0, 1]."""
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    return torch.from_numpy(np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])).float() / 255.0
-
-
-def execution_seconds(history_entry: Mapping[str, Any]) -> float | None:
-    """Seconds from execution_start to execution_success/error, from the server's own timestamps (ms)."""
-    stamps = {name: data.get("timestamp") for name, data in history_entry.get("status", {}).get("messages", [])}
-    end = stamps.get("execution_success") or stamps.get("execution_error")
-    if stamps.get("execution_start") is None or end is None:
-        return None
-    return (end - stamps["execution_start"]) / 1000.0
-
-
-def adapted_workflow(name: str, ckpt: str, size: int, steps: int) -> dict[str, Any]:
-    """workflows/api/<name>.json made to run here: the checkpoint replaced by `ckpt`, latents and training
-    images `size` pixels square, every `steps` input (samplers, training) set to `steps`."""
-    graph = json.loads((REPO_ROOT / "workflows" / "api" / f"{name}.json").read_text())
-    for node in graph.values():
-        inputs = node["inputs"]
-        if node["class_type"] == "CheckpointLoaderSimple":
-            inputs["ckpt_name"] = ckpt
-        if node["class_type"] == "EmptyLatentImage":
-            inputs.update(width=size, height=size)
-        if "resolution" in inputs:
-            inputs["resolution"] = size
-        if "steps" in inputs:
-            inputs["steps"] = steps
-    return graph

@@ -1,4 +1,4 @@
-"""Drives a real ComfyUI server (the `.comfyui` host built by scripts/setup.sh) over HTTP.
+"""Drives a real ComfyUI server (the checkout's host, `paths.host_dir()`, built by scripts/setup.sh) over HTTP.
 
 Only the standard library is used, so the helper works in any interpreter that can run the tests.
 Each server gets its own temporary base directory (models, custom_nodes, input, output, temp, user,
@@ -21,18 +21,9 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from . import paths
+
 PACK_FOLDER = "ComfyUI-TuneQDM"
-# The host the tests run on: ComfyUI 0.8.0 (.comfyui) unless TUNEQDM_TEST_HOST names another tree
-# (`make test` also runs the server tests on .comfyui-0.3.75, the oldest supported host).
-HOST_DIR = REPO_ROOT / os.environ.get("TUNEQDM_TEST_HOST", ".comfyui")
-
-
-def host_version(comfy_dir: Path = HOST_DIR) -> tuple[int, ...]:
-    """The host's version from its comfyui_version.py, e.g. (0, 8, 0)."""
-    text = (Path(comfy_dir) / "comfyui_version.py").read_text()
-    value = text.split("=", 1)[1].strip().strip("\"'")
-    return tuple(int(p) for p in value.split(".")[:3])
 
 
 class ComfyError(RuntimeError):
@@ -45,7 +36,8 @@ class ComfyError(RuntimeError):
 
 
 class ComfyServer:
-    """One ComfyUI server process on 127.0.0.1, started from `comfy_dir/main.py`.
+    """One ComfyUI server process on 127.0.0.1, started from `comfy_dir/main.py` (default: the checkout's
+    host) with `python` (default: the checkout's .venv).
 
     `custom_nodes` maps folder names to the directories linked into the server's custom_nodes/;
     by default this checkout is linked as ComfyUI-TuneQDM, the way a user installs the pack.
@@ -53,16 +45,16 @@ class ComfyServer:
 
     def __init__(
         self,
-        comfy_dir: Path = HOST_DIR,
-        python: Path = REPO_ROOT / ".venv" / "bin" / "python",
+        comfy_dir: Path | None = None,
+        python: Path | None = None,
         custom_nodes: dict[str, Path] | None = None,
         extra_args: list[str] | None = None,
         env: dict[str, str] | None = None,
         startup_timeout: float = 120.0,
     ) -> None:
-        self.comfy_dir = Path(comfy_dir)
-        self.python = Path(python)
-        self.custom_nodes = {PACK_FOLDER: REPO_ROOT} if custom_nodes is None else custom_nodes
+        self.comfy_dir = paths.host_dir() if comfy_dir is None else Path(comfy_dir)
+        self.python = paths.python() if python is None else Path(python)
+        self.custom_nodes = {PACK_FOLDER: paths.checkout()} if custom_nodes is None else custom_nodes
         self.extra_args = list(extra_args or [])
         self.env = dict(env or {})
         self.startup_timeout = startup_timeout

@@ -1,9 +1,9 @@
 """The model families at full size (issue 15): SDXL, SD3.5 Medium, Flux (true widths, FLUX_FULL_DEPTH blocks)
-and Wan 2.1 T2V 1.3B, random-weight files from tests/family_files.py, each graph in its own fresh ComfyUI
+and Wan 2.1 T2V 1.3B, random-weight files from tuneqdm_fixtures/families.py, each graph in its own fresh ComfyUI
 server (ComfyUI 0.8.0, this machine's CPU), as a user runs them:
 
-    python -m tuneqdm_core.bench families [--only sdxl,flux] [--rows quantize,sample,train,sdxl-train,sdxl-lora]
-                                          [--size full|test] [--json]
+    python -m tuneqdm_bench families [--only sdxl,flux] [--rows quantize,sample,train,sdxl-train,sdxl-lora]
+                                     [--size full|test] [--json]
 
 Per family:
 * quantize: Load and Quantize Diffusion Model W4 (the node's default options: group-wise steps), the
@@ -25,28 +25,26 @@ Per family:
 
 Flux's file has FLUX_FULL_DEPTH blocks; its times and bytes are also given scaled to Flux dev's 19 + 38
 blocks by parameter count, in columns marked "Flux dev (scaled)". Conditioning is random tensors of each
-family's shapes, and a fixed pixel codec stands in for the VAE (tests/fixture_nodes/tuneqdm_family_fixtures).
+family's shapes, and a fixed pixel codec stands in for the VAE (tuneqdm_fixtures/fixture_nodes/tuneqdm_family_fixtures).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import re
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests"))
+from tuneqdm_core.lazy_file import read_header
+from tuneqdm_fixtures.checkpoints import install
+from tuneqdm_fixtures.families import FAMILY_NODES
+from tuneqdm_fixtures.graph import Graph
+from tuneqdm_fixtures.paths import checkout
+from tuneqdm_fixtures.server import PACK_FOLDER, ComfyServer
 
-from assets import Graph, install  # noqa: E402
-from comfy_host import PACK_FOLDER, ComfyServer  # noqa: E402
+from .peers import _peak_rss, _step_seconds, _with_defaults
 
-from ..lazy_file import read_header  # noqa: E402
-from .peers import _peak_rss, _step_seconds, _with_defaults  # noqa: E402
-
-FIXTURES = REPO / "tests" / "fixture_nodes" / "tuneqdm_family_fixtures"
 FILE_DTYPES = {"sdxl": "fp16", "wan21": "fp16", "flux": "bf16", "sd35m": "fp16"}  # the order they run in
 LATENTS = {"sdxl": "EmptyLatentImage", "sd35m": "EmptySD3LatentImage", "flux": "EmptySD3LatentImage",
            "wan21": "EmptyHunyuanLatentVideo"}
@@ -63,7 +61,7 @@ class Family:
     """One family's file and the graph pieces every row shares."""
 
     def __init__(self, name: str, size: str) -> None:
-        from family_files import FLUX_DEV_DEPTH, family_specs, write_family_file
+        from tuneqdm_fixtures.families import FLUX_DEV_DEPTH, family_specs, write_family_file
 
         self.name, self.size = name, size
         self.asset = write_family_file(name, size, FILE_DTYPES[name])
@@ -81,7 +79,7 @@ class Family:
             self.dev_scale = dev / self.parameters
 
     def server(self) -> ComfyServer:
-        srv = ComfyServer(custom_nodes={PACK_FOLDER: REPO, FIXTURES.name: FIXTURES}).start()
+        srv = ComfyServer(custom_nodes={PACK_FOLDER: checkout(), FAMILY_NODES.name: FAMILY_NODES}).start()
         install(self.asset.path, srv.models_dir / "diffusion_models")
         return srv
 

@@ -1,7 +1,7 @@
 """Trains the pack's embedded default and writes it to assets/ (atomically):
 
 1. the digit classifier of the quality metrics (all ten digits; seconds);
-2. the text-conditioned UNet: a ComfyUI SD1.5-family model (tuneqdm_core.digits.files.UNET_CONFIG) on the
+2. the text-conditioned UNet: a ComfyUI SD1.5-family model (tuneqdm_demo.files.UNET_CONFIG) on the
    digits of every class but the subject's, captioned "a handwritten digit seven" etc. through MiniLM,
    v-prediction (see files.MODEL_TYPE) with the model's own SD1.5 noise schedule. 10% of captions are
    empty (classifier-free guidance) and 10% are the bare class prompt "a handwritten digit". The EMA of
@@ -9,7 +9,9 @@
 
 Reproducible: a seed and a step count (not a time budget). `--steps 3000` took 18 minutes on one core of
 the 2-core machine this was made on, while other work used the other.
-    .venv/bin/python scripts/train_default_model.py [--steps N] [--seed S]
+    .venv/bin/python -m tuneqdm_demo.train [--steps N] [--seed S]
+
+ComfyUI's classes build the UNet: the checkout's host is imported as a library (tuneqdm_fixtures.host).
 """
 from __future__ import annotations
 
@@ -18,19 +20,15 @@ import copy
 import math
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tuneqdm_core.bench.host import alphas_cumprod, default_base_model  # noqa: E402
-from tuneqdm_core.digits import files  # noqa: E402
-from tuneqdm_core.digits.classifier import train_classifier  # noqa: E402
-from tuneqdm_core.digits.data import (CLASS_PROMPT, LATENT_SCALE, SUBJECT_CLASS, caption, grey_to_latent,  # noqa: E402
-                                     load_digits)
-from tuneqdm_core.digits.text import TextEncoder  # noqa: E402
+from . import files
+from .classifier import train_classifier
+from .data import CLASS_PROMPT, LATENT_SCALE, SUBJECT_CLASS, caption, grey_to_latent, load_digits
+from .model import alphas_cumprod, default_base_model
+from .text import TextEncoder
 
 EMA_DECAY = 0.999
 
@@ -90,13 +88,16 @@ def train_unet(steps: int, batch: int, seed: int, lr: float) -> tuple[dict[str, 
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m tuneqdm_demo.train", description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch", type=int, default=48)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-classifier", action="store_true")
     args = p.parse_args()
+    from tuneqdm_fixtures.host import import_comfy
+
+    import_comfy()
     if not args.skip_classifier:
         start = time.perf_counter()
         classifier, accuracy = train_classifier(load_digits(), seed=args.seed)

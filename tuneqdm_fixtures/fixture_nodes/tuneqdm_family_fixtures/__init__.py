@@ -10,7 +10,8 @@ text encoder or VAE weights exist on the test machines.
   are videos: each image is a one-frame video (B, 16, 1, h, w), as Wan's VAE encodes a single image.
 * Family Test Images: a seeded batch of smooth random images.
 
-Linked into a test server's custom_nodes by tests/test_families_server.py; never shipped with the pack.
+Linked into a server's custom_nodes by tests/test_families_server.py and `python -m tuneqdm_bench families`
+(as `tuneqdm_fixtures.families.FAMILY_NODES`); never loaded by the pack itself.
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from tuneqdm_core.digits.files import UNET_FILE, UNET_FORMAT, load_file
+from tuneqdm_demo.files import UNET_FILE, UNET_FORMAT, load_file
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0

@@ -1,7 +1,7 @@
-"""`python -m tuneqdm_core.bench quality`: the seed's DreamBooth comparison on the embedded default
+"""`python -m tuneqdm_bench quality`: the seed's DreamBooth comparison on the embedded default
 model. Each row fine-tunes (or not) the model on the five images of the held-out digit with the prompt
 "a sks digit", then samples that prompt and the ordinary prompts of the nine other digits, and is
-scored by the bundled classifier (tuneqdm_core.digits.metrics) over several seeds: mean and spread.
+scored by the bundled classifier (tuneqdm_demo.metrics) over several seeds: mean and spread.
 
 Scale training is `tuneqdm_core.train.train_scales`, the Train TuneQDM Scales node's loop; float full
 fine-tuning (DreamBooth) is plain AdamW on every weight with the same loss, data, steps and batch.
@@ -23,17 +23,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import TuneQDMConfig
-from ..digits import data
-from ..digits.diffusion import Scales, ddim_sample
-from ..digits.diffusion import loss_fn as diffusion_loss
-from ..digits.files import MODEL_TYPE, UNET_FILE, UNET_FORMAT, load_file
-from ..digits.metrics import Judge, load_classifier
-from ..digits.text import TextEncoder
-from ..model import quantize_model, tensor_bytes
-from ..scales import scales_of
-from ..train import SampleSet, TrainConfig, train_scales
-from .host import alphas_cumprod, default_base_model
+from tuneqdm_core.config import TuneQDMConfig
+from tuneqdm_core.model import quantize_model, tensor_bytes
+from tuneqdm_core.scales import scales_of
+from tuneqdm_core.train import SampleSet, TrainConfig, train_scales
+from tuneqdm_demo import data
+from tuneqdm_demo.diffusion import Scales, ddim_sample
+from tuneqdm_demo.diffusion import loss_fn as diffusion_loss
+from tuneqdm_demo.files import MODEL_TYPE, UNET_FILE, UNET_FORMAT, load_file
+from tuneqdm_demo.metrics import Judge, load_classifier
+from tuneqdm_demo.model import alphas_cumprod, default_base_model
+from tuneqdm_demo.text import TextEncoder
+from tuneqdm_fixtures.host import import_comfy
 
 LATENT_SHAPE = (4, 8, 8)
 OTHER_DIGITS = [d for d in range(10) if d != data.SUBJECT_CLASS]
@@ -70,6 +71,7 @@ class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         state, self.info = load_file(UNET_FILE, UNET_FORMAT)
+        import_comfy()
         base = default_base_model(state)
         self.float_net = base.diffusion_model.eval().requires_grad_(False)
         self.alphas = alphas_cumprod(base)

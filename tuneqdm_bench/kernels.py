@@ -1,8 +1,8 @@
 """Speed of the quantized layers: the fused separable Linear per SD 1.5 layer shape and token count,
 and one sampling step of the whole SD 1.5 UNet, float vs W8 vs W4.
 
-    python -m tuneqdm_core.bench kernels [--device auto|cpu|cuda] [--tokens 1 16 ...] [--skip-linear]
-                                         [--skip-unet] [--batch 2] [--latent 64] [--rounds N] [--json]
+    python -m tuneqdm_bench kernels [--device auto|cpu|cuda] [--tokens 1 16 ...] [--skip-linear]
+                                    [--skip-unet] [--batch 2] [--latent 64] [--rounds N] [--json]
 
 Runs on whatever device is there and says which. On CUDA the fused Linear is the Triton kernel
 (packed codes unpacked in registers); it is timed against (a) dequantize-then-matmul in torch (the
@@ -14,7 +14,7 @@ tuneqdm_core/functional.py), against (a) dequantize-then-matmul in fp32 and (b) 
 bfloat16 matmuls. Each fused column has its error against a float64 computation of the same
 quantized layer.
 
-The UNet part builds the plain-torch SD 1.5 UNet (random weights: only seconds and bytes mean
+The UNet part builds ComfyUI's SD 1.5 UNet (random weights: only seconds and bytes mean
 anything) and times one forward under inference_mode (a sampling step: batch 2, 64x64 latent,
 77x768 context, the two samples routed to different experts), all variants interleaved round by
 round: the float model (float16 on CUDA, float32 on CPU) and the W8 and W4 models (4 experts). On
@@ -37,12 +37,13 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .. import functional
-from ..config import TuneQDMConfig
-from ..functional import PackedWeight
-from ..model import get_router, quantize_model, structural_copy, tensor_bytes
-from ..quant import integer_weight, quantize_weight
-from .sd15_unet import ATTENTION, sd15_unet
+from tuneqdm_core import functional
+from tuneqdm_core.config import TuneQDMConfig
+from tuneqdm_core.functional import PackedWeight
+from tuneqdm_core.model import get_router, quantize_model, structural_copy, tensor_bytes
+from tuneqdm_core.quant import integer_weight, quantize_weight
+
+from .comfy_unet import ATTENTION, run, sd15_unet
 
 TOKENS = (1, 16, 256, 1024, 4096)
 CONTEXT = 768
@@ -177,7 +178,7 @@ def unet_rows(device: torch.device, batch: int, latent: int, rounds: int) -> lis
     # name -> (step function, row); every step runs under inference_mode (a sampling step).
     variants: dict[str, tuple[Callable[[], torch.Tensor], dict]] = {}
     float_name = "float16" if cuda else "float32"
-    variants[float_name] = (lambda: model(x, t, context), {"bytes": tensor_bytes(model)})
+    variants[float_name] = (lambda: run(model, x, t, context), {"bytes": tensor_bytes(model)})
 
     def quantized(base, bits: int, xin, cin, tag: str, bf16: str | None = None) -> None:
         q = structural_copy(base)  # shares the norms with the float model, which stays intact
@@ -187,7 +188,7 @@ def unet_rows(device: torch.device, batch: int, latent: int, rounds: int) -> lis
 
         def run(q=q, mode=bf16):
             with get_router(q).route(t), functional.cpu_inference_bf16(mode or functional.cpu_bf16_mode()):
-                return q(xin, t, cin)
+                return run(q, xin, t, cin)
 
         variants[f"W{bits}{tag}"] = (run, row)
         if bf16:  # the same model with the default, every product in fp32
@@ -199,7 +200,7 @@ def unet_rows(device: torch.device, batch: int, latent: int, rounds: int) -> lis
     if not cuda:  # for context: the float model in bf16, and quantized models with bf16 activations
         mb = copy.deepcopy(model).to(torch.bfloat16)
         xb, cb = x.bfloat16(), context.bfloat16()
-        variants["bfloat16"] = (lambda: mb(xb, t, cb), {"bytes": tensor_bytes(mb)})
+        variants["bfloat16"] = (lambda: run(mb, xb, t, cb), {"bytes": tensor_bytes(mb)})
         for bits in (8, 4):
             quantized(mb, bits, xb, cb, " bf16 model")
     gc.collect()

@@ -1,7 +1,7 @@
 """Data-parallel training (`python -m tuneqdm_train` under torchrun) on this machine's CPUs: the bytes a step
 exchanges against the scales' size, and the step time of one process against two.
 
-    python -m tuneqdm_core.bench distributed [--steps 20] [--batch-size 1] [--json]
+    python -m tuneqdm_bench distributed [--steps 20] [--batch-size 1] [--json]
 
 Runs, each in its own processes with one thread each (OMP_NUM_THREADS=1, what torchrun sets), on the
 embedded default model (W4, 4 experts) and its five held-out zeros, pre-encoded once:
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -29,20 +28,16 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[2]
+from tuneqdm_fixtures.paths import checkout, subprocess_env
+
 EXPERTS = 4
 
 
-def _env() -> dict[str, str]:
-    return dict(os.environ, OMP_NUM_THREADS="1",
-                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-
-
 def _run(cmd: list[str]) -> None:
-    proc = subprocess.run([sys.executable, *cmd], cwd=ROOT, env=_env(), capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, *cmd], cwd=checkout(), env=subprocess_env(OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:4])} ... failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
 
@@ -51,7 +46,7 @@ def prepare(folder: Path) -> Path:
     """The five held-out zeros as PNGs, encoded once with the default model's codec and text encoder."""
     from PIL import Image
 
-    from ..digits import data
+    from tuneqdm_demo import data
 
     images = folder / "images"
     images.mkdir()
@@ -85,10 +80,9 @@ def train(folder: Path, data: Path, name: str, processes: int, batch: int, strea
 def sd15_scales(experts: int = EXPERTS) -> dict:
     """SD 1.5's scales from its layer shapes (a meta-device UNet): s_out per output and s_in per input
     channel of every Linear and Conv2d, per expert."""
-    from .sd15_unet import sd15_unet
+    from .comfy_unet import sd15_unet
 
-    with torch.device("meta"):
-        model = sd15_unet()
+    model = sd15_unet(device="meta")
     per_expert = sum(m.out_features + m.in_features if isinstance(m, nn.Linear) else m.out_channels + m.in_channels
                      for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
     return {"experts": experts, "values": per_expert * experts, "fp32_bytes": 4 * per_expert * experts,

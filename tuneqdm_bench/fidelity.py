@@ -1,6 +1,6 @@
 """How faithful the quantized model is to the float one, side by side with ComfyUI-GGUF (issue 17).
 
-    python -m tuneqdm_core.bench fidelity [--json] [--skip-server] [--skip-real] [--only TEXT]
+    python -m tuneqdm_bench fidelity [--json] [--skip-server] [--skip-real] [--only TEXT]
 
 Two parts, one run:
 
@@ -39,8 +39,9 @@ import numpy as np
 import torch
 from torch import nn
 
-REPO = Path(__file__).resolve().parents[2]
-GGUF_TARBALL = REPO.parent / "shared" / "hosts" / "comfyui-gguf-795e451.tar.gz"
+from tuneqdm_fixtures.paths import checkout
+
+GGUF_TARBALL = checkout().parent / "shared" / "hosts" / "comfyui-gguf-795e451.tar.gz"
 GGUF_FOLDER = "ComfyUI-GGUF"
 UNET = "sd15_full_fp16.safetensors"
 CKPT = "tiny_sd15.safetensors"
@@ -168,15 +169,17 @@ def _quant_inputs(s: Setting) -> dict:
 
 
 def server_part(args: argparse.Namespace) -> list[dict]:
-    sys.path.insert(0, str(REPO / "tests"))
-    from assets import Graph, asset_cache_dir, cached_sd15_unet, write_tiny_sd15_checkpoint  # noqa: E402
-    from comfy_host import PACK_FOLDER, ComfyServer  # noqa: E402
     from safetensors.torch import load_file
+
+    from tuneqdm_fixtures.checkpoints import cached_sd15_unet, write_tiny_sd15_checkpoint
+    from tuneqdm_fixtures.graph import Graph
+    from tuneqdm_fixtures.paths import asset_cache_dir
+    from tuneqdm_fixtures.server import PACK_FOLDER, ComfyServer
 
     cache = asset_cache_dir()
     unet = cached_sd15_unet(full_size=True)
     ckpt = write_tiny_sd15_checkpoint(cache / CKPT)
-    nodes = {PACK_FOLDER: REPO, GGUF_FOLDER: gguf_pack(cache)}
+    nodes = {PACK_FOLDER: checkout(), GGUF_FOLDER: gguf_pack(cache)}
     gguf_files = {}
     for q in ("Q8_0", "Q4_0"):
         path = cache / f"sd15_full_{q}.gguf"
@@ -285,8 +288,8 @@ def server_part(args: argparse.Namespace) -> list[dict]:
 # ---------------------------------------------------------------- part 2: real trained weights
 
 def _quantized_copy(module: nn.Module, s: Setting) -> nn.Module:
-    from ..config import TuneQDMConfig
-    from ..model import quantize_model
+    from tuneqdm_core.config import TuneQDMConfig
+    from tuneqdm_core.model import quantize_model
     m = copy.deepcopy(module)
     if s.gguf:
         with torch.no_grad():
@@ -304,7 +307,7 @@ def _quantized_copy(module: nn.Module, s: Setting) -> nn.Module:
 def _bits_per_weight(module: nn.Module, s: Setting) -> float:
     if s.gguf:
         return {"Q8_0": 8.5, "Q4_0": 4.5}[s.gguf]
-    from ..model import quantized_layers
+    from tuneqdm_core.model import quantized_layers
     total = weights = 0
     for _, layer in quantized_layers(module):
         n = 1
@@ -317,12 +320,14 @@ def _bits_per_weight(module: nn.Module, s: Setting) -> float:
 
 
 def real_part(args: argparse.Namespace) -> dict:
-    from ..digits import data
-    from ..digits.diffusion import ddim_sample
-    from ..digits.files import MODEL_TYPE, UNET_FILE, UNET_FORMAT, load_file
-    from ..digits.text import TextEncoder
-    from .host import alphas_cumprod, default_base_model
+    from tuneqdm_demo import data
+    from tuneqdm_demo.diffusion import ddim_sample
+    from tuneqdm_demo.files import MODEL_TYPE, UNET_FILE, UNET_FORMAT, load_file
+    from tuneqdm_demo.model import alphas_cumprod, default_base_model
+    from tuneqdm_demo.text import TextEncoder
+    from tuneqdm_fixtures.host import import_comfy
 
+    import_comfy()
     torch.manual_seed(0)
     state, _ = load_file(UNET_FILE, UNET_FORMAT)
     base = default_base_model(state)

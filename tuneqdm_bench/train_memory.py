@@ -1,4 +1,4 @@
-"""`python -m tuneqdm_core.bench train-memory`: the training path the Train TuneQDM Scales node uses
+"""`python -m tuneqdm_bench train-memory`: the training path the Train TuneQDM Scales node uses
 (`tuneqdm_core.train.train_scales`, with activation checkpointing as the node applies it) on the
 full-size SD1.5 UNet at batch 1, each variant in its own process, against float32 full fine-tuning.
 
@@ -10,19 +10,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-from ..config import TuneQDMConfig
-from ..model import quantize_model, tensor_bytes
-from ..scales import scales_of
-from ..train import SampleSet, TrainConfig, train_scales
+from tuneqdm_core.config import TuneQDMConfig
+from tuneqdm_core.model import quantize_model, tensor_bytes
+from tuneqdm_core.scales import scales_of
+from tuneqdm_core.train import SampleSet, TrainConfig, train_scales
+from tuneqdm_fixtures.paths import checkout, subprocess_env
+
 from . import memory
+from .comfy_unet import checkpointed_blocks, run, unet_config
 
 CONFIGS = {"w4": TuneQDMConfig(bits=4, experts=4), "w8": TuneQDMConfig(bits=8, experts=4),
            "peqa-w4": TuneQDMConfig.peqa(bits=4)}
@@ -41,18 +42,21 @@ def run_scales(variant: str, latent: int, checkpointing: bool, tiny: bool) -> di
     built_rss = memory.current_rss()
     gen = torch.Generator().manual_seed(0)
     x0 = torch.randn(1, model.in_channels, latent, latent, generator=gen)
-    context = torch.randn(1, 77, model.context_dim, generator=gen)
+    context = torch.randn(1, 77, unet_config(tiny)["context_dim"], generator=gen)
 
     def loss_fn(x0: torch.Tensor, t: torch.Tensor, cond: int) -> torch.Tensor:
         eps = torch.randn(x0.shape, generator=gen)
         a = ALPHAS[t.long()].reshape(-1, 1, 1, 1)
-        pred = model(a.sqrt() * x0 + (1 - a).sqrt() * eps, t, context.expand(x0.shape[0], -1, -1))
+        pred = run(model, a.sqrt() * x0 + (1 - a).sqrt() * eps, t, context.expand(x0.shape[0], -1, -1))
         return (pred - eps).pow(2).flatten(1).mean(1)
 
     stamps = [time.perf_counter()]
     config = TrainConfig(steps=2, train_s_in=CONFIGS[variant].train_s_in, checkpointing=checkpointing)
-    result = train_scales(model, scales_of(model), [SampleSet(x0, 0)], loss_fn, config,
-                          on_step=lambda step, loss: stamps.append(time.perf_counter()))
+    # train_scales checkpoints the blocks it can reach through their own forward; ComfyUI's UNet runs its
+    # input, middle and output blocks another way (comfy_unet.checkpointed_blocks), so those are added here.
+    with checkpointed_blocks(checkpointing):
+        result = train_scales(model, scales_of(model), [SampleSet(x0, 0)], loss_fn, config,
+                              on_step=lambda step, loss: stamps.append(time.perf_counter()))
     peak = memory.peak_rss()
     return {"variant": variant, "latent": latent, "checkpointing": checkpointing, "status": "ok",
             "steps": result.steps_done, "step_s": stamps[2] - stamps[1], "first_step_s": stamps[1] - stamps[0],
@@ -66,11 +70,9 @@ def run_fp32(latent: int, checkpointing: bool, tiny: bool) -> dict:
 
 
 def spawn(variant: str, latent: int, checkpointing: bool, tiny: bool) -> dict:
-    root = str(Path(__file__).resolve().parents[2])
-    cmd = [sys.executable, "-m", "tuneqdm_core.bench", "train-memory", "--one", variant, "--latent", str(latent)]
+    cmd = [sys.executable, "-m", "tuneqdm_bench", "train-memory", "--one", variant, "--latent", str(latent)]
     cmd += ["--checkpointing"] * checkpointing + ["--tiny"] * tiny
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=checkout(), env=subprocess_env())
     for line in proc.stdout.splitlines():
         if line.startswith(TAG):
             return json.loads(line[len(TAG):])

@@ -9,7 +9,7 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
-from ..model import get_router, is_quantized
+from .core import get_router, is_quantized
 
 Scales = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
 

@@ -1,7 +1,7 @@
 """A LoRA on a quantized model, applied at call time: one sampling step of the W4 SD 1.5 UNet with and
 without a rank-16 LoRA on every attention projection and every convolution, and the bytes each holds.
 
-    python -m tuneqdm_core.bench lora [--batch 2] [--latent 64] [--rank 16] [--rounds 3] [--json]
+    python -m tuneqdm_bench lora [--batch 2] [--latent 64] [--rank 16] [--rounds 3] [--json]
 
 The LoRA reaches the layers as low-rank adapters through the model's router (what the pack does for
 ComfyUI's LoraLoader after Quantize UNet), so no weight-sized float tensor is built. Both models are
@@ -19,11 +19,12 @@ import time
 import torch
 from torch import nn
 
-from ..adapters import LowRank
-from ..config import TuneQDMConfig
-from ..model import get_router, quantize_model, quantized_layers, tensor_bytes
+from tuneqdm_core.adapters import LowRank
+from tuneqdm_core.config import TuneQDMConfig
+from tuneqdm_core.model import get_router, quantize_model, quantized_layers, tensor_bytes
+
+from .comfy_unet import run, sd15_unet
 from .kernels import CONTEXT, EXPERTS, describe, rel_error
-from .sd15_unet import sd15_unet
 
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 TARGET = 1.15
@@ -76,7 +77,7 @@ def main(args: argparse.Namespace) -> int:
 
     def step(with_lora: bool) -> torch.Tensor:
         with router.route(t, adapters=adapters if with_lora else None):
-            return model(x, t, context)
+            return run(model, x, t, context)
 
     print(f"device: {describe(device)}; W4 SD 1.5 UNet, {EXPERTS} experts, batch {args.batch}, "
           f"{args.latent}x{args.latent} latent; rank-{args.rank} LoRA on {len(names)} layers "

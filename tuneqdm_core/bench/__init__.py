@@ -1,1 +1,0 @@
-"""Benchmarks of the TuneQDM core: `python -m tuneqdm_core.bench <command>` (see __main__.py)."""
