@@ -10,7 +10,8 @@ import sys
 import torch
 
 from tuneqdm_bench import memory
-from tuneqdm_bench.comfy_unet import TINY_UNET_CONFIG, checkpointed_blocks, count_layers, run, sd15_unet
+from tuneqdm_bench.comfy_unet import TINY_UNET_CONFIG, count_layers, run, sd15_unet
+from tuneqdm_core.checkpointing import checkpointed
 from tuneqdm_fixtures.host import import_comfy
 from tuneqdm_fixtures.paths import checkout, subprocess_env
 
@@ -53,29 +54,30 @@ def test_the_benchmark_forward_uses_pytorch_attention(monkeypatch):
     assert len(calls) == len(attentions)
 
 
-def test_tiny_unet_forward_backward_with_and_without_checkpointing(monkeypatch):
+def test_core_checkpointing_recomputes_every_block_of_comfyuis_unet(monkeypatch):
+    """ComfyUI runs the input, middle and output blocks layer by layer (forward_timestep_embed), never through
+    the blocks' own forward: the core's checkpointing must still reach each of their layers."""
     torch.manual_seed(0)
     model = sd15_unet(tiny=True)
-    openaimodel = import_comfy().ldm.modules.diffusionmodules.openaimodel
+    resblock = import_comfy().ldm.modules.diffusionmodules.openaimodel.ResBlock
     calls = []
-    original = openaimodel.forward_timestep_embed
-    monkeypatch.setattr(openaimodel, "forward_timestep_embed", lambda *a, **k: calls.append(1) or original(*a, **k))
-    counted = openaimodel.forward_timestep_embed
+    original = resblock._forward
+    monkeypatch.setattr(resblock, "_forward", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([3.0, 900.0])
     ctx = torch.randn(2, 77, TINY_UNET_CONFIG["context_dim"])
     grads, runs = [], []
     for ckpt in (False, True):
         model.zero_grad(set_to_none=True)
         calls.clear()
-        with checkpointed_blocks(ckpt):
+        with checkpointed(model, ckpt):
             y = run(model, x, t, ctx)
             assert y.shape == x.shape
             y.square().mean().backward()
         runs.append(len(calls))
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
-    assert openaimodel.forward_timestep_embed is counted  # restored on exit
-    blocks = len(model.input_blocks) + 1 + len(model.output_blocks)
-    assert runs == [blocks, 2 * blocks]  # checkpointed, every block runs again in backward
+    resblocks = sum(isinstance(m, resblock) for m in model.modules())
+    assert resblocks > 0 and runs == [resblocks, 2 * resblocks]  # checkpointed, every ResBlock runs again in backward
+    assert all("forward" not in m.__dict__ for m in model.modules())  # restored on exit
     assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6)
 
 

@@ -2,20 +2,15 @@
 built through the checkout's host like the test files (tuneqdm_fixtures.checkpoints.sd15_unet): the full
 UNet (859,520,964 parameters) or a tiny one of the same class and code path for tests.
 
-Two things are fixed here so that a measurement does not depend on what ComfyUI would choose:
-attention is always PyTorch's scaled_dot_product_attention (ComfyUI picks sub-quadratic attention on a
-CPU), passed per call as ComfyUI's `optimized_attention_override`; and activation checkpointing recomputes
-each of the UNet's input, middle and output blocks in backward. ComfyUI runs those blocks through
-`openaimodel.forward_timestep_embed(block, ...)`, never through the blocks' own forward, so that function
-is where the checkpoint goes.
+Attention is fixed here so that a measurement does not depend on what ComfyUI would choose: always
+PyTorch's scaled_dot_product_attention (ComfyUI picks sub-quadratic attention on a CPU), passed per call
+as ComfyUI's `optimized_attention_override`.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import torch
-import torch.utils.checkpoint
 from torch import nn
 
 from tuneqdm_demo.model import reset_parameters
@@ -56,25 +51,3 @@ def run(unet: nn.Module, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor
         return sdpa(*args, **kwargs)
 
     return unet(x, t, context, transformer_options={"optimized_attention_override": override})
-
-
-@contextmanager
-def checkpointed_blocks(enabled: bool) -> Iterator[None]:
-    """While inside (and `enabled`), ComfyUI UNets recompute each input, middle and output block's
-    activations in backward instead of storing them; restored on exit, whatever happens inside."""
-    if not enabled:
-        yield
-        return
-    openaimodel = import_comfy().ldm.modules.diffusionmodules.openaimodel
-    original = openaimodel.forward_timestep_embed
-
-    def forward_timestep_embed(*args: Any, **kwargs: Any) -> torch.Tensor:
-        if not torch.is_grad_enabled():
-            return original(*args, **kwargs)
-        return torch.utils.checkpoint.checkpoint(original, *args, use_reentrant=False, **kwargs)
-
-    openaimodel.forward_timestep_embed = forward_timestep_embed
-    try:
-        yield
-    finally:
-        openaimodel.forward_timestep_embed = original

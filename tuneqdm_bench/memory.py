@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tuneqdm_core.checkpointing import checkpointed
 from tuneqdm_core.config import TuneQDMConfig
 from tuneqdm_core.layers import QuantLayer
 from tuneqdm_core.model import get_router, quantize_model, tensor_bytes
@@ -41,7 +42,7 @@ from tuneqdm_core.quant import quantize_weight, unpack
 from tuneqdm_demo.model import reset_parameters
 from tuneqdm_fixtures.paths import checkout, subprocess_env
 
-from .comfy_unet import ATTENTION, checkpointed_blocks, count_layers, run, sd15_unet, unet_config
+from .comfy_unet import ATTENTION, count_layers, run, sd15_unet, unet_config
 
 VARIANTS = ("fp32-full", "reference", "w8", "w4")
 EXPERTS = 4
@@ -250,7 +251,7 @@ def run_one(variant: str, latent: int, checkpointing: bool, tiny: bool = False, 
 
     _sync(dev)
     start = time.perf_counter()
-    with setup.route(t) as experts, checkpointed_blocks(checkpointing):
+    with setup.route(t) as experts, checkpointed(model, checkpointing):
         loss = F.mse_loss(run(model, x, t, context), target)
         mark("forward")
         loss.backward()

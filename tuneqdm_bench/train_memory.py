@@ -23,7 +23,7 @@ from tuneqdm_core.train import SampleSet, TrainConfig, train_scales
 from tuneqdm_fixtures.paths import checkout, subprocess_env
 
 from . import memory
-from .comfy_unet import checkpointed_blocks, run, unet_config
+from .comfy_unet import run, unet_config
 
 CONFIGS = {"w4": TuneQDMConfig(bits=4, experts=4), "w8": TuneQDMConfig(bits=8, experts=4),
            "peqa-w4": TuneQDMConfig.peqa(bits=4)}
@@ -52,11 +52,8 @@ def run_scales(variant: str, latent: int, checkpointing: bool, tiny: bool) -> di
 
     stamps = [time.perf_counter()]
     config = TrainConfig(steps=2, train_s_in=CONFIGS[variant].train_s_in, checkpointing=checkpointing)
-    # train_scales checkpoints the blocks it can reach through their own forward; ComfyUI's UNet runs its
-    # input, middle and output blocks another way (comfy_unet.checkpointed_blocks), so those are added here.
-    with checkpointed_blocks(checkpointing):
-        result = train_scales(model, scales_of(model), [SampleSet(x0, 0)], loss_fn, config,
-                              on_step=lambda step, loss: stamps.append(time.perf_counter()))
+    result = train_scales(model, scales_of(model), [SampleSet(x0, 0)], loss_fn, config,
+                          on_step=lambda step, loss: stamps.append(time.perf_counter()))
     peak = memory.peak_rss()
     return {"variant": variant, "latent": latent, "checkpointing": checkpointing, "status": "ok",
             "steps": result.steps_done, "step_s": stamps[2] - stamps[1], "first_step_s": stamps[1] - stamps[0],

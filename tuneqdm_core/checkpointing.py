@@ -19,14 +19,23 @@ def _has_params(m: nn.Module) -> bool:
 
 
 def _blocks(model: nn.Module) -> list[nn.Module]:
-    """The highest modules that own parameters: elements of top-level ModuleLists (a UNet's input and
-    output blocks, a transformer's layers) and the other top-level children."""
+    """The highest modules that own parameters and are certainly called through their own forward:
+    elements of top-level ModuleLists (a UNet's input and output blocks, a transformer's layers) and the
+    other top-level children. A Sequential is checkpointed child by child, because models may iterate it
+    instead of calling it: ComfyUI's UNets run each TimestepEmbedSequential block (input, middle and output
+    blocks) layer by layer in `forward_timestep_embed`, never through the block's forward."""
     blocks = []
+
+    def add(m: nn.Module) -> None:
+        if isinstance(m, nn.Sequential):
+            for c in m:
+                add(c)
+        elif _has_params(m):
+            blocks.append(m)
+
     for child in model.children():
-        if isinstance(child, nn.ModuleList):
-            blocks.extend(c for c in child if _has_params(c))
-        elif _has_params(child):
-            blocks.append(child)
+        for m in (child if isinstance(child, nn.ModuleList) else (child,)):
+            add(m)
     return blocks
 
 
