@@ -43,14 +43,15 @@ comfy_page = _load_page_module()
 
 
 @pytest.fixture(scope="module")
-def page(comfy_server: ComfyServer) -> Any:
+def page(request: pytest.FixtureRequest) -> Any:
     reason = comfy_page.browser_missing()
     if reason:
         pytest.skip(f"no headless browser here: {reason}")
     if host_version()[:2] != (0, 8):
         pytest.skip("the page checks are written against ComfyUI 0.8.0's page (frontend 1.35); "
                     f"this host is {'.'.join(map(str, host_version()))}")
-    with comfy_page.ComfyPage(comfy_server.url) as opened:
+    server: ComfyServer = request.getfixturevalue("comfy_server")  # started only when the page can be driven
+    with comfy_page.ComfyPage(server.url) as opened:
         opened.console()  # start-up noise (no user.css, no favicon) is the page's, not the pack's
         yield opened
 
