@@ -1,5 +1,5 @@
 """The README's first command (after `make setup`): start a headless ComfyUI with the pack, run
-workflows/api/default_model_demo.json on the embedded default model (load -> quantize W4 -> train TuneQDM
+example_workflows/api/default_model_demo.json on the embedded default model (load -> quantize W4 -> train TuneQDM
 scales on the five held-out subject images -> sample "a sks digit" and two ordinary prompts, float vs W4 vs
 W4 TuneQDM), then write a PNG grid and a report (subject and prompt fidelity, memory, time) to
 out/demo-<time>/ and stop the server."""
@@ -22,7 +22,7 @@ from tuneqdm_fixtures.paths import checkout  # noqa: E402
 from tuneqdm_fixtures.server import ComfyServer  # noqa: E402
 
 REPO = checkout()
-WORKFLOW = REPO / "workflows" / "api" / "default_model_demo.json"
+WORKFLOW = REPO / "example_workflows" / "api" / "default_model_demo.json"
 MODELS = (("float", "float"), ("w4", "W4, before training"), ("w4_tuneqdm", "W4 TuneQDM"))
 PROMPTS = (("sks", data.SUBJECT_PROMPT, None), ("three", data.caption(3), 3), ("seven", data.caption(7), 7))
 

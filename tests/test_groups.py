@@ -27,7 +27,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 def explicit_codes_weight(layer):
     """S * (Q - z) of a group-wise layer built explicitly in float64, S and z expanded per value."""
-    out, k = layer.weight_shape[0], 1
+    k = 1
     for d in layer.weight_shape[1:]:
         k *= d
     codes = unpack(layer.qweight, layer.bits, k).double() if layer.bits <= 4 else layer.qweight.double()

@@ -1,4 +1,4 @@
-"""The pack's workflows: API format (workflows/api/*.json) is the source, UI format is generated.
+"""The pack's workflows: API format (example_workflows/api/*.json) is the source, UI format is generated.
 
 scripts/workflows.py converts an API graph to the UI (litegraph) format with the node definitions of
 a real server's /object_info. These tests keep the committed UI files equal to that conversion, check
@@ -27,7 +27,7 @@ REPO_ROOT = checkout()
 
 pytestmark = pytest.mark.server
 
-WORKFLOWS_DIR = REPO_ROOT / "workflows"
+WORKFLOWS_DIR = REPO_ROOT / "example_workflows"
 SCRIPT = REPO_ROOT / "scripts" / "workflows.py"
 
 
@@ -61,12 +61,13 @@ def _get(server: ComfyServer, path: str) -> Any:
 def test_committed_ui_workflow_is_generated_from_its_api_source(
         api_path: Path | None, object_info: dict[str, Any]) -> None:
     if api_path is None:
-        pytest.skip("workflows/api/ holds no API-format workflow yet, so there is nothing to compare")
+        pytest.skip("example_workflows/api/ holds no API-format workflow yet, so there is nothing to compare")
     api = json.loads(api_path.read_text(encoding="utf-8"))
     ui_file = wf.ui_path(api_path)
     regenerate = "regenerate it: .venv/bin/python scripts/workflows.py --start (or --server URL)"
     assert ui_file.is_file(), f"{ui_file.relative_to(REPO_ROOT)} missing; {regenerate}"
-    generated = wf.api_to_ui(api, object_info)
+    assert api_path.stem in wf.GUIDES, f"no guide (groups, note) for {api_path.stem} in scripts/workflow_guides.py"
+    generated = wf.api_to_ui(api, object_info, wf.GUIDES[api_path.stem])
     committed = json.loads(ui_file.read_text(encoding="utf-8"))
     where = ui_file.relative_to(REPO_ROOT)
     assert committed == generated, f"{where} differs from its API source; {regenerate}"
@@ -305,9 +306,16 @@ def test_cli_regenerates_and_checks(object_info: dict[str, Any], comfy_server_un
 def test_server_lists_the_packs_ui_workflows(comfy_server_unchecked: ComfyServer) -> None:
     names = sorted(p.stem for p in WORKFLOWS_DIR.glob("*.json"))
     if not names:
-        pytest.skip("workflows/ holds no UI-format workflow yet")
+        pytest.skip("example_workflows/ holds no UI-format workflow yet")
     templates = _get(comfy_server_unchecked, "/workflow_templates")
     assert sorted(templates.get(PACK_FOLDER, [])) == names, templates
     for name in names:
         served = _get(comfy_server_unchecked, f"/api/workflow_templates/{PACK_FOLDER}/{name}.json")
         assert served == json.loads((WORKFLOWS_DIR / f"{name}.json").read_text(encoding="utf-8"))
+        # The thumbnail the templates dialog asks for (frontend 1.35: always <name>.jpg for a pack's templates).
+        url = f"{comfy_server_unchecked.url}/api/workflow_templates/{PACK_FOLDER}/{name}.jpg"
+        with urllib.request.urlopen(url, timeout=60) as resp:
+            thumbnail = resp.read()
+        assert thumbnail[:3] == b"\xff\xd8\xff", f"{name}.jpg is not a JPEG"  # regenerate: scripts/thumbnails.py
+        assert thumbnail == (WORKFLOWS_DIR / f"{name}.jpg").read_bytes()
+        assert len(thumbnail) < 100_000, f"{name}.jpg is {len(thumbnail)} bytes; the dialog shows it ~240 px wide"

@@ -1,4 +1,4 @@
-"""Every workflow in workflows/api/ runs in the real server (on the random-weight test checkpoint, with a
+"""Every workflow in example_workflows/api/ runs in the real server (on the random-weight test checkpoint, with a
 small latent and few steps so it is quick), and the save -> load pair reproduces its own output."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from tuneqdm_fixtures.graph import adapted_workflow, output_files
 from tuneqdm_fixtures.paths import asset_cache_dir
 
 pytestmark = pytest.mark.server
-API_DIR = Path(__file__).resolve().parents[1] / "workflows" / "api"
+API_DIR = Path(__file__).resolve().parents[1] / "example_workflows" / "api"
 
 
 def load_for_test(name: str, ckpt: str) -> dict:

@@ -190,7 +190,7 @@ def sd_vae_specs(prefix: str = "first_stage_model.") -> dict[str, TensorSpec]:
 
 def sd15_checkpoint_specs() -> dict[str, TensorSpec]:
     """Every tensor of the tiny SD1.5 checkpoint, in the original SD checkpoint layout."""
-    comfy = import_comfy()
+    import_comfy()  # model_config below needs the host importable
     model_config = _sd15_model_config(SD15_TINY_UNET_CONFIG)
     specs = _rename(sd15_unet_specs(full_size=False), model_config.process_unet_state_dict_for_saving)
     specs.update(sd15_clip_specs())

@@ -251,9 +251,9 @@ def execution_seconds(history_entry: Mapping[str, Any]) -> float | None:
 
 
 def adapted_workflow(name: str, ckpt: str, size: int, steps: int) -> dict[str, Any]:
-    """workflows/api/<name>.json made to run here: the checkpoint replaced by `ckpt`, latents and training
+    """example_workflows/api/<name>.json made to run here: the checkpoint replaced by `ckpt`, latents and training
     images `size` pixels square, every `steps` input (samplers, training) set to `steps`."""
-    graph = json.loads((checkout() / "workflows" / "api" / f"{name}.json").read_text())
+    graph = json.loads((checkout() / "example_workflows" / "api" / f"{name}.json").read_text())
     for node in graph.values():
         inputs = node["inputs"]
         if node["class_type"] == "CheckpointLoaderSimple":
