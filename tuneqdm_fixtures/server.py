@@ -50,7 +50,7 @@ class ComfyServer:
         custom_nodes: dict[str, Path] | None = None,
         extra_args: list[str] | None = None,
         env: dict[str, str] | None = None,
-        startup_timeout: float = 120.0,
+        startup_timeout: float = 300.0,  # a 2-core machine busy with other servers can take minutes
     ) -> None:
         self.comfy_dir = paths.host_dir() if comfy_dir is None else Path(comfy_dir)
         self.python = paths.python() if python is None else Path(python)
