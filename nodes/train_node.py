@@ -22,12 +22,13 @@ from typing import Callable
 import comfy.model_management
 import comfy.utils
 import torch
+from comfy_api.latest import io
 
 from ..tuneqdm_core import get_router, load_scales, model_config, save_scales, scales_of
 from ..tuneqdm_core.train import NonFiniteLossError, SampleSet, TrainConfig, TrainResult, train_scales
 from . import folders, lora
 from .dataset_inputs import LatentGroup, conditioning_per_image, group_latents, images_to_batch
-from .file_nodes import SCALES_TYPE, signature_or_nan, describe
+from .file_nodes import Scales, describe, fingerprint_of
 from .loss_plot import loss_curve_image
 from .patcher import require_quantized, routing_of, with_routing
 from .routing import sigma_of_timestep
@@ -123,73 +124,85 @@ def _with_lora(model, dm, device):
         yield
 
 
-class TrainScales:
-    DESCRIPTION = ("Fine-tunes only the quantization scales of a TuneQDM MODEL on a few subject images "
-                   "(DreamBooth-style): each step draws a timestep per sample and updates only that timestep's "
-                   "expert. Takes an IMAGE batch + VAE, or ComfyUI's dataset latents with a caption per image "
-                   "(resolution buckets included). Cancel ends the prompt as interrupted and saves the steps done so "
-                   "far to models/tuneqdm/scales/partial/ (marked partial); resume continues from such a file.")
-    CATEGORY = CATEGORY
-    EXPERIMENTAL = True
-    INPUT_IS_LIST = True  # ComfyUI's dataset nodes give one list entry per image or per bucket
-    RETURN_TYPES = ("MODEL", SCALES_TYPE, "IMAGE", "STRING", "LOSS_MAP")
-    RETURN_NAMES = ("model", "scales", "loss_curve", "report", "loss_map")
-    OUTPUT_TOOLTIPS = ("A clone of the MODEL sampling with the trained scales.", "The trained scales (wire into Save Scales).",
-                       "Training loss per expert.", "Steps done, samples per expert, time.",
-                       "Loss per step, for ComfyUI's Plot Loss Graph.")
-    FUNCTION = "train"
+class TrainScales(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="TuneQDMTrainScales",
+            display_name="Train TuneQDM Scales",
+            category=CATEGORY,
+            description=(
+                "Fine-tunes only the quantization scales of a TuneQDM MODEL on a few subject images "
+                "(DreamBooth-style): each step draws a timestep per sample and updates only that timestep's "
+                "expert. Takes an IMAGE batch + VAE, or ComfyUI's dataset latents with a caption per image "
+                "(resolution buckets included). Cancel ends the prompt as interrupted and saves the steps done so "
+                "far to models/tuneqdm/scales/partial/ (marked partial); resume continues from such a file."),
+            is_experimental=True,
+            is_input_list=True,  # ComfyUI's dataset nodes give one list entry per image or per bucket
+            inputs=[
+                io.Model.Input("model", tooltip="A TuneQDM-quantized MODEL."),
+                io.Conditioning.Input("instance_conditioning",
+                                      tooltip="E.g. 'a photo of sks dog': one for all images, or one per image "
+                                              "(captions, as from Make Training Dataset)."),
+                io.Int.Input("steps", default=400, min=1, max=100000,
+                             tooltip="Optimizer steps in all (a resumed run continues up to this many)."),
+                io.Float.Input("lr_s_out", default=3e-6, min=0.0, max=1.0, step=1e-7, round=False,
+                               tooltip="Learning rate of the output-channel scales (near 1e-3..1e-2)."),
+                io.Float.Input("lr_s_in", default=1e-4, min=0.0, max=1.0, step=1e-6, round=False,
+                               tooltip="Learning rate of the input-channel scales (near 1): its own rate."),
+                io.Boolean.Input("train_s_in", default=True, tooltip="Off: s_out only (PEQA-style)."),
+                io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Samples per batch."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
+                             tooltip="Seeds the timesteps, the noise and the batches drawn."),
+                io.Int.Input("resolution", default=512, min=64, max=4096, step=8,
+                             tooltip="Training IMAGEs are resized and center-cropped to this square size (latents "
+                                     "are used as they are)."),
+                io.Vae.Input("vae", optional=True, tooltip="Encodes the training IMAGEs once, before the steps."),
+                io.Image.Input("instance_images", optional=True,
+                               tooltip="3-10 images of the subject (a batch, or a list from Load Image Dataset from "
+                                       "Folder)."),
+                io.Latent.Input("latents", optional=True,
+                                tooltip="Instead of instance_images: latents from ComfyUI's dataset nodes (Make "
+                                        "Training Dataset, Resolution Bucket, Load Training Dataset)."),
+                io.Int.Input("grad_accumulation_steps", default=1, min=1, max=1024, optional=True,
+                             tooltip="Batches whose gradients each step sums."),
+                io.Boolean.Input("gradient_checkpointing", default=True, optional=True,
+                                 tooltip="Activation checkpointing: less memory, about a third more time."),
+                io.Combo.Input("loss_function", options=list(LOSS_FUNCTIONS), default="MSE", optional=True,
+                               tooltip="The error measured in the model's prediction space."),
+                io.Combo.Input("resume", options=[NO_RESUME] + folders.files(folders.SCALES), default=NO_RESUME,
+                               optional=True, tooltip="Continue from a scales file (e.g. a partial one saved on "
+                                                      "cancel) up to `steps` steps."),
+                io.Image.Input("class_images", optional=True,
+                               tooltip="Prior preservation: images of the class (e.g. dogs)."),
+                io.Conditioning.Input("class_conditioning", optional=True, tooltip="E.g. 'a photo of a dog'."),
+                io.Float.Input("prior_weight", default=1.0, min=0.0, max=10.0, step=0.05, optional=True,
+                               tooltip="Weight of the class images' loss against the subject's."),
+                io.Image.Input("instance_images_2", optional=True,
+                               tooltip="A second subject's images (multi-subject)."),
+                io.Conditioning.Input("instance_conditioning_2", optional=True,
+                                      tooltip="The second subject's prompt."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="model", tooltip="A clone of the MODEL sampling with the trained scales."),
+                Scales.Output(display_name="scales", tooltip="The trained scales (wire into Save Scales)."),
+                io.Image.Output(display_name="loss_curve", tooltip="Training loss per expert."),
+                io.String.Output(display_name="report", tooltip="Steps done, samples per expert, time."),
+                io.Custom("LOSS_MAP").Output(display_name="loss_map",
+                                             tooltip="Loss per step, for ComfyUI's Plot Loss Graph."),
+            ],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("MODEL", {"tooltip": "A TuneQDM-quantized MODEL."}),
-                "instance_conditioning": ("CONDITIONING", {"tooltip": "E.g. 'a photo of sks dog': one for all images, "
-                                                                      "or one per image (captions, as from Make Training Dataset)."}),
-                "steps": ("INT", {"default": 400, "min": 1, "max": 100000, "tooltip": "Optimizer steps in all "
-                                                                                     "(a resumed run continues up to this many)."}),
-                "lr_s_out": ("FLOAT", {"default": 3e-6, "min": 0.0, "max": 1.0, "step": 1e-7, "round": False,
-                                       "tooltip": "Learning rate of the output-channel scales (near 1e-3..1e-2)."}),
-                "lr_s_in": ("FLOAT", {"default": 1e-4, "min": 0.0, "max": 1.0, "step": 1e-6, "round": False,
-                                      "tooltip": "Learning rate of the input-channel scales (near 1): its own rate."}),
-                "train_s_in": ("BOOLEAN", {"default": True, "tooltip": "Off: s_out only (PEQA-style)."}),
-                "batch_size": ("INT", {"default": 1, "min": 1, "max": 64}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF}),
-                "resolution": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 8,
-                                       "tooltip": "Training IMAGEs are resized and center-cropped to this square size "
-                                                  "(latents are used as they are)."}),
-            },
-            "optional": {
-                "vae": ("VAE", {"tooltip": "Encodes the training IMAGEs once, before the steps."}),
-                "instance_images": ("IMAGE", {"tooltip": "3-10 images of the subject (a batch, or a list from Load "
-                                                         "Image Dataset from Folder)."}),
-                "latents": ("LATENT", {"tooltip": "Instead of instance_images: latents from ComfyUI's dataset nodes "
-                                                  "(Make Training Dataset, Resolution Bucket, Load Training Dataset)."}),
-                "grad_accumulation_steps": ("INT", {"default": 1, "min": 1, "max": 1024,
-                                                    "tooltip": "Batches whose gradients each step sums."}),
-                "gradient_checkpointing": ("BOOLEAN", {"default": True, "tooltip": "Activation checkpointing: less "
-                                                                                   "memory, about a third more time."}),
-                "loss_function": (list(LOSS_FUNCTIONS), {"default": "MSE"}),
-                "resume": ([NO_RESUME] + folders.files(folders.SCALES),
-                           {"default": NO_RESUME, "tooltip": "Continue from a scales file (e.g. a partial one saved on "
-                                                             "cancel) up to `steps` steps."}),
-                "class_images": ("IMAGE", {"tooltip": "Prior preservation: images of the class (e.g. dogs)."}),
-                "class_conditioning": ("CONDITIONING", {"tooltip": "E.g. 'a photo of a dog'."}),
-                "prior_weight": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.05}),
-                "instance_images_2": ("IMAGE", {"tooltip": "A second subject's images (multi-subject)."}),
-                "instance_conditioning_2": ("CONDITIONING", {"tooltip": "The second subject's prompt."}),
-            },
-        }
-
-    @classmethod
-    def IS_CHANGED(cls, resume=None, **_):
+    def fingerprint_inputs(cls, resume=None, **_) -> str | float:
         name = _first(resume, NO_RESUME)
-        return "" if name == NO_RESUME else signature_or_nan(folders.SCALES, name)
+        return "" if name == NO_RESUME else fingerprint_of(folders.SCALES, name)
 
-    def train(self, model, instance_conditioning, steps, lr_s_out, lr_s_in, train_s_in, batch_size, seed, resolution,
-              vae=None, instance_images=None, latents=None, grad_accumulation_steps=None, gradient_checkpointing=None,
-              loss_function=None, resume=None, class_images=None, class_conditioning=None, prior_weight=None,
-              instance_images_2=None, instance_conditioning_2=None):
+    @classmethod
+    def execute(cls, model, instance_conditioning, steps, lr_s_out, lr_s_in, train_s_in, batch_size, seed, resolution,
+                vae=None, instance_images=None, latents=None, grad_accumulation_steps=None, gradient_checkpointing=None,
+                loss_function=None, resume=None, class_images=None, class_conditioning=None, prior_weight=None,
+                instance_images_2=None, instance_conditioning_2=None) -> io.NodeOutput:
         model = _first(model)
         steps, resolution = _first(steps), _first(resolution)
         require_quantized(model, "Train TuneQDM Scales")
@@ -280,8 +293,8 @@ class TrainScales:
         seconds = time.perf_counter() - started
         scales = dataclasses.replace(result.scales, info=_partial_info(result.steps_done, steps, result.partial, resumed_from))
         if result.partial:
-            self._save_partial_and_stop(scales, result, steps, start_step, dm)
-        return self._outputs(model, scales, result, steps, start_step, seconds, sets)
+            cls._save_partial_and_stop(scales, result, steps, start_step, dm)
+        return cls._outputs(model, scales, result, steps, start_step, seconds, sets)
 
     @staticmethod
     def _save_partial_and_stop(scales, result: TrainResult, steps: int, start_step: int, dm) -> None:
@@ -299,7 +312,7 @@ class TrainScales:
         raise comfy.model_management.InterruptProcessingException()
 
     @staticmethod
-    def _outputs(model, scales, result: TrainResult, steps: int, start_step: int, seconds: float, sets) -> tuple:
+    def _outputs(model, scales, result: TrainResult, steps: int, start_step: int, seconds: float, sets) -> io.NodeOutput:
         status = describe(scales.info)
         logging.info("TuneQDM train: %s in %.1f s", status, seconds)
         curves = result.expert_curves(scales.experts)
@@ -313,4 +326,4 @@ class TrainScales:
                   f"samples per expert: {[len(c) for c in curves]}\nlast loss per expert: {last}\n"
                   f"latents: {sizes}; conditionings: {captions}")
         trained = with_routing(model, routing_of(model).with_changes(scales=scales))
-        return (trained, scales, curve, report, {"loss": list(result.losses)})
+        return io.NodeOutput(trained, scales, curve, report, {"loss": list(result.losses)})

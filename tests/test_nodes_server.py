@@ -73,12 +73,12 @@ def test_nodes_are_registered_with_their_inputs(comfy_server):
         assert info[name]["display_name"] == display
         assert info[name]["category"] == "TuneQDM"
     q = info["TuneQDMQuantizeUNet"]["input"]["required"]
-    assert q["bits"][0] == ["4", "8"]
+    assert q["bits"][1]["options"] == ["4", "8"]
     assert q["experts"][1]["min"] == 1 and q["experts"][1]["max"] == 8
     assert all("tooltip" in spec[1] for spec in q.values())
     s = info["TuneQDMExpertRoutedSampler"]["input"]["required"]
     assert set(info["KSampler"]["input"]["required"]) <= set(s)
-    assert s["routing"][0] == ["timestep intervals", "custom boundaries", "fixed expert"]
+    assert s["routing"][1]["options"] == ["timestep intervals", "custom boundaries", "fixed expert"]
     assert info["TuneQDMExpertRoutedSampler"]["output"] == ["LATENT", "STRING"]
 
 
