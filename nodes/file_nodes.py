@@ -1,6 +1,7 @@
 """Save / Load Quantized UNet and Save / Load Scales (TuneQDM), in models/tuneqdm/unet/ and models/tuneqdm/scales/."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
@@ -119,7 +120,9 @@ class SaveScales:
     def save(self, model, filename_prefix, scales=None, overwrite=False):
         require_quantized(model, "Save Scales")
         if scales is None:
-            scales = routing_of(model).scales or scales_of(model.model.diffusion_model)
+            routing = routing_of(model)
+            scales = routing.scales or scales_of(model.model.diffusion_model)
+            scales = dataclasses.replace(scales, policy=routing.policy_for(model.model))
         path = folders.output_path(folders.SCALES, filename_prefix, bool(overwrite))
         save_scales(path, scales, model.model.diffusion_model)
         logging.info("TuneQDM: saved scales %s (%s)", path, describe(scales.info))
@@ -150,5 +153,5 @@ class LoadScales:
         scales = load_scales(folders.full_path(folders.SCALES, scales_name), model.model.diffusion_model)
         record = describe(scales.info)
         logging.info("TuneQDM: loaded scales %s: %s", scales_name, record)
-        result = (with_routing(model, routing_of(model).with_changes(scales=scales)), scales)
+        result = (with_routing(model, routing_of(model).with_changes(scales=scales, policy=scales.policy)), scales)
         return {"ui": {"text": [f"{scales_name}: {record}"]}, "result": result}

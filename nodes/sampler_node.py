@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import comfy.samplers
-import torch
 
 from ..tuneqdm_core import get_router
+from ..tuneqdm_core.routing import NUM_TRAIN_TIMESTEPS, ROUTING_MODES, TIMESTEP_RANGE, RoutingLog, RoutingPolicy
 from .patcher import require_quantized, routing_of, with_routing
-from .routing import ROUTING_MODES, RoutingLog, RoutingPolicy
 
 CATEGORY = "TuneQDM"
 
@@ -37,11 +36,12 @@ class ExpertRoutedSampler:
             "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
                                   "tooltip": "Fraction of the schedule to run."}),
             "routing": (list(ROUTING_MODES), {"default": ROUTING_MODES[0],
-                                              "tooltip": "timestep intervals: N equal intervals of 0..999 (as "
-                                                         "trained). custom boundaries: your own cut points. "
+                                              "tooltip": f"timestep intervals: N equal intervals of {TIMESTEP_RANGE} "
+                                                         "(as trained by default). custom boundaries: your own cut points. "
                                                          "fixed expert: one expert for every step."}),
             "boundaries": ("STRING", {"default": "250, 500, 750",
-                                      "tooltip": "For custom boundaries: N-1 increasing timesteps in 0..999."}),
+                                      "tooltip": "For custom boundaries: N-1 increasing timesteps in "
+                                                 f"{TIMESTEP_RANGE} (of the {NUM_TRAIN_TIMESTEPS} training timesteps)."}),
             "fixed_expert": ("INT", {"default": 0, "min": 0, "max": 63, "tooltip": "For fixed expert: its index."}),
         }}
 
@@ -52,7 +52,7 @@ class ExpertRoutedSampler:
         require_quantized(model, "Expert-Routed Sampler")
         num_experts = get_router(model.model.diffusion_model).num_experts
         policy = RoutingPolicy.from_inputs(routing, boundaries, fixed_expert)
-        policy.experts(torch.zeros(1), num_experts)  # validate before sampling starts
+        policy.check(num_experts)  # before sampling starts
         log = RoutingLog()
         routed = with_routing(model, routing_of(model).with_changes(policy=policy, log=log))
         (latent,) = common_ksampler(routed, seed, steps, cfg, sampler_name, scheduler, positive, negative,
