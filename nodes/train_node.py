@@ -220,7 +220,6 @@ class TrainScales:
         train_s_in = bool(_first(train_s_in))
         if train_s_in and not model_config(dm).train_s_in:
             logging.info("TuneQDM train: this MODEL was quantized with s_out only (PEQA); s_in stays frozen")
-            train_s_in = False
         if instance_images is None and latents is None:
             raise ValueError("connect instance_images (with a vae) or latents (from ComfyUI's dataset nodes)")
         data = gather(model.model, _first(vae), _first(resolution), [

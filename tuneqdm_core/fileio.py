@@ -138,8 +138,9 @@ def file_format(path: str | os.PathLike) -> str | None:
         return None
 
 
-def _read(path: str | os.PathLike, expected_format: str,
-          defaults: TuneQDMConfig | None = None) -> tuple[FileHeader, dict[str, torch.Tensor]]:
+def read_header(path: str | os.PathLike, expected_format: str,
+                defaults: TuneQDMConfig | None = None) -> tuple[FileHeader, dict[str, torch.Tensor]]:
+    """Header (the recorded config among it; see `file_config` for `defaults`) and tensors of a verified file."""
     path = Path(path)
     meta, tensors = read_verified(path, expected_format)
     try:
@@ -216,7 +217,7 @@ def save_scales(path: str | os.PathLike, scales: ScaleSet, module: nn.Module,
 def load_scales(path: str | os.PathLike, module: nn.Module) -> ScaleSet:
     """Read a scales file for the quantized `module`; refuse, naming the first mismatch, a file made
     for other bits, another number of experts, other layers or another base model."""
-    header, tensors = _read(path, SCALES_FORMAT, defaults=model_config(module))
+    header, tensors = read_header(path, SCALES_FORMAT, defaults=model_config(module))
     name = Path(path).name
     layers = dict(quantized_layers(module))
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -249,7 +250,7 @@ def save_quantized_model(path: str | os.PathLike, module: nn.Module,
 
 def read_quantized_model(path: str | os.PathLike) -> tuple[FileHeader, dict[str, torch.Tensor]]:
     """Header and state dict of a quantized-model file, checked for integrity."""
-    return _read(path, MODEL_FORMAT)
+    return read_header(path, MODEL_FORMAT)
 
 
 def load_quantized_model(path: str | os.PathLike, skeleton: nn.Module) -> nn.Module:

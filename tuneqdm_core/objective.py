@@ -104,14 +104,15 @@ class PredictionSchedule:
         return cls(prediction, ((1 - alphas_cumprod) / alphas_cumprod).sqrt().float())
 
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
-        """sigma of (fractional) training timesteps, linear between the table's entries."""
+        """sigma of (fractional) training timesteps: log sigma linear between the table's entries."""
         t = t.float().clamp(0, NUM_TRAIN_TIMESTEPS - 1)
         if self.prediction == "flow":
             return t / NUM_TRAIN_TIMESTEPS
         lo = t.floor().long()
         hi = (lo + 1).clamp(max=NUM_TRAIN_TIMESTEPS - 1)
         w = t - lo
-        return (1 - w) * self.sigmas[lo] + w * self.sigmas[hi]
+        log_sigmas = self.sigmas.log()
+        return ((1 - w) * log_sigmas[lo] + w * log_sigmas[hi]).exp()
 
     def noise_scaling(self, sigma: torch.Tensor, noise: torch.Tensor, latent_image: torch.Tensor) -> torch.Tensor:
         s = _per_sample(sigma, noise)

@@ -26,7 +26,7 @@ from torch import nn
 
 from .checkpointing import checkpointed
 from .errors import TuneQDMError
-from .model import get_router
+from .model import get_router, model_config
 from .optim import ExpertAdamW
 from .routing import sample_timesteps
 from .scales import ScaleSet, trainable
@@ -35,7 +35,7 @@ LossFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 """(x0 latents (B, ...), timesteps (B,) on the training range, conditioning index) -> per-sample loss (B,)."""
 GradientSync = Callable[[list[torch.Tensor], set[int], float], tuple[set[int], float]]
 """(trainable scales holding this process's gradients: every layer's s_out in `start`'s order, then every
-s_in when they train; the experts it used; its step loss) -> (experts to update, step loss), the gradients
+s_in when they train (`trains_s_in`); the experts it used; its step loss) -> (experts to update, step loss), the gradients
 replaced in place by the combined ones (e.g. all-reduced over ranks)."""
 
 
@@ -156,9 +156,10 @@ def train_scales(model: nn.Module, start: ScaleSet, data: Sequence[SampleSet], l
                          f"{len(generators or ())} sample streams")
     router = get_router(model)
     start.policy.check(router.num_experts)
-    scales = trainable(start, config.train_s_in)
+    train_s_in = trains_s_in(model, config)
+    scales = trainable(start, train_s_in)
     groups = [dict(params=[o for o, _ in scales.tensors.values()], lr=config.lr_s_out)]
-    if config.train_s_in:
+    if train_s_in:
         groups.append(dict(params=[i for _, i in scales.tensors.values()], lr=config.lr_s_in))
     opt = ExpertAdamW(groups, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay)
     params = [p for g in groups for p in g["params"]]
@@ -197,6 +198,12 @@ def train_scales(model: nn.Module, start: ScaleSet, data: Sequence[SampleSet], l
             if on_step is not None:
                 on_step(steps_done, total)
     return TrainResult(_snapshot(scales), steps_done, partial, history, losses)
+
+
+def trains_s_in(model: nn.Module, config: TrainConfig) -> bool:
+    """Whether a run trains s_in: asked for by `config` and allowed by the model's config (a PEQA model keeps
+    s_in frozen)."""
+    return config.train_s_in and model_config(model).train_s_in
 
 
 def _subjects(sets: list[SampleSet]) -> list[list[SampleSet]]:

@@ -92,7 +92,7 @@ def run(args: argparse.Namespace, group: Group) -> dict:
     core = sources.pack().tuneqdm_core
     import comfy.model_management
     from tuneqdm_pack.nodes.trainable import grad_ready
-    from tuneqdm_pack.tuneqdm_core.train import SampleSet, TrainConfig, train_scales
+    from tuneqdm_pack.tuneqdm_core.train import SampleSet, TrainConfig, train_scales, trains_s_in
 
     out = Path(args.out)
     if out.suffix != ".safetensors":
@@ -101,7 +101,6 @@ def run(args: argparse.Namespace, group: Group) -> dict:
     data = data_mod.from_path(args.data, args.caption,
                               lambda: sources.encoders(model, args.vae, args.text_encoder, args.clip_type, args.resolution))
     base, dm = model.model, model.model.diffusion_model
-    train_s_in = args.train_s_in and core.model_config(dm).train_s_in
     start, start_step = core.scales_of(dm), 0
     if args.resume:
         start = core.load_scales(args.resume, dm)
@@ -118,9 +117,10 @@ def run(args: argparse.Namespace, group: Group) -> dict:
     streams = [stream_generator(args.seed, k, start_step)
                for k in range(group.rank * args.streams, (group.rank + 1) * args.streams)]
     loss_fn = build_loss(base, data.conds, device, args.loss, args.seed)
-    config = TrainConfig(steps=args.steps, lr_s_out=args.lr_s_out, lr_s_in=args.lr_s_in, train_s_in=train_s_in,
+    config = TrainConfig(steps=args.steps, lr_s_out=args.lr_s_out, lr_s_in=args.lr_s_in, train_s_in=args.train_s_in,
                          batch_size=args.batch_size, seed=args.seed, checkpointing=args.checkpointing,
                          grad_accumulation_steps=args.grad_accumulation_steps)
+    train_s_in = trains_s_in(dm, config)
     sync = GradientAllReduce(group, core.get_router(dm).num_experts)
     resumed_from = str(args.resume) if args.resume else None
     stamps = [time.perf_counter()]
