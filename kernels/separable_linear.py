@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .core import errors
 from .dequant import group_args, int_to_float, interpreting, weight_tile
 
 _DOT_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -39,10 +40,20 @@ def _grouped_pid(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl
 
 
 @triton.jit
+def _scaled_tile(row_ptrs, scale_row_ptrs, offs, mask, stride, DOT_DTYPE: tl.constexpr):
+    """Rows of an activation (or output gradient) tile at columns `offs`, times each row's expert scale
+    row, in fp32 and then cast for tl.dot."""
+    t = tl.load(row_ptrs + offs[None, :] * stride, mask=mask, other=0.0)
+    s = tl.load(scale_row_ptrs + offs[None, :], mask=mask, other=0.0)
+    return (t.to(tl.float32) * s.to(tl.float32)).to(DOT_DTYPE)
+
+
+@triton.jit
 def _linear_fwd_kernel(x_ptr, w_ptr, zero_ptr, gs_ptr, s_in_ptr, s_out_ptr, bias_ptr, rows_ptr, y_ptr,
                        M, N, K, stride_xm, stride_xk, stride_wn, stride_zn, stride_gn, GROUP,
                        stride_sin, stride_sout, stride_ym,
-                       PACKED: tl.constexpr, GROUPED: tl.constexpr, APPLY_S_OUT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       PACKED: tl.constexpr, GROUPED: tl.constexpr, STEP_LEVELS: tl.constexpr,
+                       APPLY_S_OUT: tl.constexpr, HAS_BIAS: tl.constexpr,
                        DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        GROUP_M: tl.constexpr):
@@ -58,11 +69,9 @@ def _linear_fwd_kernel(x_ptr, w_ptr, zero_ptr, gs_ptr, s_in_ptr, s_out_ptr, bias
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask = m_mask[:, None] & (offs_k < K)[None, :]
-        x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=mask, other=0.0)
-        s = tl.load(s_in_rows + offs_k[None, :], mask=mask, other=0.0)
-        u = (x.to(tl.float32) * s.to(tl.float32)).to(DOT_DTYPE)
+        u = _scaled_tile(x_rows, s_in_rows, offs_k, mask, stride_xk, DOT_DTYPE)
         a = weight_tile(w_ptr, zero_ptr, gs_ptr, offs_n, k0, N, K, stride_wn, stride_zn, stride_gn, GROUP,
-                        PACKED, GROUPED, BLOCK_N, BLOCK_K)
+                        PACKED, GROUPED, STEP_LEVELS, BLOCK_N, BLOCK_K)
         acc = tl.dot(u, tl.trans(int_to_float(a, DOT_DTYPE)), acc, input_precision=INPUT_PRECISION)
     out_mask = m_mask[:, None] & n_mask[None, :]
     if APPLY_S_OUT:
@@ -80,8 +89,8 @@ def _linear_fwd_kernel(x_ptr, w_ptr, zero_ptr, gs_ptr, s_in_ptr, s_out_ptr, bias
 def _linear_input_grad_kernel(g_ptr, w_ptr, zero_ptr, gs_ptr, s_in_ptr, s_out_ptr, rows_ptr, gu_ptr, gx_ptr,
                               M, N, K, stride_gm, stride_gn, stride_wn, stride_zn, stride_sn, GROUP,
                               stride_sin, stride_sout, stride_om,
-                              PACKED: tl.constexpr, GROUPED: tl.constexpr, STORE_GU: tl.constexpr,
-                              STORE_GX: tl.constexpr,
+                              PACKED: tl.constexpr, GROUPED: tl.constexpr, STEP_LEVELS: tl.constexpr,
+                              STORE_GU: tl.constexpr, STORE_GX: tl.constexpr,
                               DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                               GROUP_M: tl.constexpr):
@@ -100,11 +109,9 @@ def _linear_input_grad_kernel(g_ptr, w_ptr, zero_ptr, gs_ptr, s_in_ptr, s_out_pt
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask = m_mask[:, None] & (offs_n < N)[None, :]
-        g = tl.load(g_rows + offs_n[None, :] * stride_gn, mask=mask, other=0.0)
-        s = tl.load(s_out_rows + offs_n[None, :], mask=mask, other=0.0)
-        gs = (g.to(tl.float32) * s.to(tl.float32)).to(DOT_DTYPE)
+        gs = _scaled_tile(g_rows, s_out_rows, offs_n, mask, stride_gn, DOT_DTYPE)
         a = weight_tile(w_ptr, zero_ptr, gs_ptr, offs_n, k0, N, K, stride_wn, stride_zn, stride_sn, GROUP,
-                        PACKED, GROUPED, BLOCK_N, BLOCK_K)
+                        PACKED, GROUPED, STEP_LEVELS, BLOCK_N, BLOCK_K)
         acc = tl.dot(gs, int_to_float(a, DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
     out_mask = m_mask[:, None] & k_mask[None, :]
     out_offs = offs_m.to(tl.int64)[:, None] * stride_om + offs_k[None, :]
@@ -124,7 +131,8 @@ def _pow2(n: int, lo: int, hi: int) -> int:
 
 def _dot_dtype(dtype: torch.dtype):
     if dtype not in _DOT_DTYPES:
-        raise TypeError(f"the Triton separable linear supports float16, bfloat16 and float32 activations, got {dtype}")
+        raise errors.UnsupportedDtypeError(
+            f"the Triton separable linear supports float16, bfloat16 and float32 activations, got {dtype}")
     if dtype == torch.bfloat16 and interpreting():
         return tl.float32  # the interpreter's bf16 dot is wrong (HOST.md); bf16 -> fp32 is exact
     return _DOT_DTYPES[dtype]
@@ -174,12 +182,12 @@ def linear_forward(x2: torch.Tensor, s_in: torch.Tensor, s_out: torch.Tensor | N
         bm, bn, bk = blocks.get("BLOCK_M", bm), blocks.get("BLOCK_N", bn), blocks.get("BLOCK_K", bk)
         warps, stages = blocks.get("num_warps", warps), blocks.get("num_stages", stages)
     grid = (triton.cdiv(m, bm) * triton.cdiv(n_out, bn),)
-    zero, gs, stride_zn, stride_gn, group, grouped = group_args(zero, group_scale, group_size)
+    zero, gs, stride_zn, stride_gn, group, layout = group_args(zero, group_scale, group_size, bits)
     _linear_fwd_kernel[grid](
         x2, packed, zero, gs, s_in, s_out_t, bias if bias is not None else s_in, row_experts, out,
         m, n_out, k, x2.stride(0), x2.stride(1), packed.stride(0), stride_zn, stride_gn, group,
         s_in.stride(0), s_out_t.stride(0), out.stride(0),
-        PACKED=bits <= 4, GROUPED=grouped, APPLY_S_OUT=s_out is not None, HAS_BIAS=bias is not None,
+        **layout, APPLY_S_OUT=s_out is not None, HAS_BIAS=bias is not None,
         DOT_DTYPE=_dot_dtype(x2.dtype), INPUT_PRECISION=_input_precision(x2.dtype),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, num_warps=warps, num_stages=stages)
     return out
@@ -206,12 +214,12 @@ def linear_input_grad(g2: torch.Tensor, s_in: torch.Tensor, s_out: torch.Tensor,
         warps, stages = blocks.get("num_warps", warps), blocks.get("num_stages", stages)
     grid = (triton.cdiv(m, bm) * triton.cdiv(k, bk),)
     some = gu if gu is not None else gx  # stands in for the one not stored; both are contiguous (M, K)
-    zero, gs, stride_zn, stride_gn, group, grouped = group_args(zero, group_scale, group_size)
+    zero, gs, stride_zn, stride_gn, group, layout = group_args(zero, group_scale, group_size, bits)
     _linear_input_grad_kernel[grid](
         g2, packed, zero, gs, s_in, s_out, row_experts, gu if gu is not None else some, gx if gx is not None else some,
         m, n, k, g2.stride(0), g2.stride(1), packed.stride(0), stride_zn, stride_gn, group,
         s_in.stride(0), s_out.stride(0), k,
-        PACKED=bits <= 4, GROUPED=grouped, STORE_GU=want_gu, STORE_GX=want_gx,
+        **layout, STORE_GU=want_gu, STORE_GX=want_gx,
         DOT_DTYPE=_dot_dtype(g2.dtype), INPUT_PRECISION=_input_precision(g2.dtype),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, num_warps=warps, num_stages=stages)
     return gu, gx
@@ -223,7 +231,7 @@ def row_experts_of(experts: torch.Tensor, batch: int, rows: int) -> torch.Tensor
     """Per-sample experts (B,) -> one int32 expert per row of the (B * rows_per_sample, K) view."""
     e = experts.reshape(-1).to(device=experts.device, dtype=torch.int32)
     if e.numel() != batch:
-        raise ValueError(f"{e.numel()} expert indices for a batch of {batch}")
+        raise errors.RoutingError(f"{e.numel()} expert indices for a batch of {batch}")
     per = rows // batch if batch else 0
     return e.repeat_interleave(per) if per != 1 else e.contiguous()
 
@@ -243,7 +251,7 @@ class SeparableLinearFn(torch.autograd.Function):
     def forward(ctx, x, s_in, s_out, bias, experts, weight, blocks):
         k, n = weight.shape[1], weight.shape[0]
         if x.shape[-1] != k:
-            raise ValueError(f"input has {x.shape[-1]} features, the weight expects {k}")
+            raise errors.ShapeError(f"input has {x.shape[-1]} features, the weight expects {k}")
         batch = x.shape[0]
         x2 = _rows_of(x.reshape(-1, k))
         rows = row_experts_of(experts.to(x.device), batch, x2.shape[0])

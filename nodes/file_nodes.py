@@ -1,6 +1,7 @@
 """Save / Load Quantized UNet and Save / Load Scales (TuneQDM), in models/tuneqdm/unet/ and models/tuneqdm/scales/."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from comfy_api.latest import io, ui
@@ -113,7 +114,9 @@ class SaveScales(io.ComfyNode):
     def execute(cls, model, filename_prefix, scales=None, overwrite=False) -> io.NodeOutput:
         require_quantized(model, "Save Scales")
         if scales is None:
-            scales = routing_of(model).scales or scales_of(model.model.diffusion_model)
+            routing = routing_of(model)
+            scales = routing.scales or scales_of(model.model.diffusion_model)
+            scales = dataclasses.replace(scales, policy=routing.policy_for(model.model))
         path = folders.output_path(folders.SCALES, filename_prefix, bool(overwrite))
         save_scales(path, scales, model.model.diffusion_model)
         logging.info("TuneQDM: saved scales %s (%s)", path, describe(scales.info))
@@ -148,5 +151,5 @@ class LoadScales(io.ComfyNode):
         scales = load_scales(folders.full_path(folders.SCALES, scales_name), model.model.diffusion_model)
         record = describe(scales.info)
         logging.info("TuneQDM: loaded scales %s: %s", scales_name, record)
-        trained = with_routing(model, routing_of(model).with_changes(scales=scales))
+        trained = with_routing(model, routing_of(model).with_changes(scales=scales, policy=scales.policy))
         return io.NodeOutput(trained, scales, ui=ui.PreviewText(f"{scales_name}: {record}"))

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import comfy.samplers
-import torch
 from comfy_api.latest import io
 
 from ..tuneqdm_core import get_router
+from ..tuneqdm_core.routing import NUM_TRAIN_TIMESTEPS, ROUTING_MODES, TIMESTEP_RANGE, RoutingLog, RoutingPolicy
 from .patcher import require_quantized, routing_of, with_routing
-from .routing import ROUTING_MODES, RoutingLog, RoutingPolicy
 
 CATEGORY = "TuneQDM"
 
@@ -37,10 +36,12 @@ class ExpertRoutedSampler(io.ComfyNode):
                 io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Fraction of the schedule to run."),
                 io.Combo.Input("routing", options=list(ROUTING_MODES), default=ROUTING_MODES[0],
-                               tooltip="timestep intervals: N equal intervals of 0..999 (as trained). custom "
-                                       "boundaries: your own cut points. fixed expert: one expert for every step."),
+                               tooltip=f"timestep intervals: N equal intervals of {TIMESTEP_RANGE} (as trained by "
+                                       "default). custom boundaries: your own cut points. fixed expert: one expert "
+                                       "for every step."),
                 io.String.Input("boundaries", default="250, 500, 750",
-                                tooltip="For custom boundaries: N-1 increasing timesteps in 0..999."),
+                                tooltip=f"For custom boundaries: N-1 increasing timesteps in {TIMESTEP_RANGE} (of "
+                                        f"the {NUM_TRAIN_TIMESTEPS} training timesteps)."),
                 io.Int.Input("fixed_expert", default=0, min=0, max=63, tooltip="For fixed expert: its index."),
             ],
             outputs=[io.Latent.Output(display_name="latent", tooltip="The denoised latent."),
@@ -55,7 +56,7 @@ class ExpertRoutedSampler(io.ComfyNode):
         require_quantized(model, "Expert-Routed Sampler")
         num_experts = get_router(model.model.diffusion_model).num_experts
         policy = RoutingPolicy.from_inputs(routing, boundaries, fixed_expert)
-        policy.experts(torch.zeros(1), num_experts)  # validate before sampling starts
+        policy.check(num_experts)  # before sampling starts
         log = RoutingLog()
         routed = with_routing(model, routing_of(model).with_changes(policy=policy, log=log))
         (latent,) = common_ksampler(routed, seed, steps, cfg, sampler_name, scheduler, positive, negative,

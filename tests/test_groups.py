@@ -17,8 +17,8 @@ from tuneqdm_core import (ExpertRouter, QuantConv2d, QuantLinear, TuneQDMConfig,
                           quantize_model, quantize_weight)
 from tuneqdm_core.fileio import (load_quantized_model, load_scales, read_quantized_model, save_quantized_model,
                                  save_scales)
-from tuneqdm_core.quant import (check_group_size, default_group_size, group_steps, group_zeros, integer_weight,
-                                minimize_groups, num_groups, packed_width, step_levels, unpack)
+from tuneqdm_core.packing import group_steps, group_zeros, packed_width, step_levels, unpack
+from tuneqdm_core.quant import check_group_size, default_group_size, integer_weight, minimize_groups, num_groups
 from tuneqdm_core.scales import scales_of
 from test_layers import randomize_scales
 

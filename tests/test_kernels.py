@@ -16,7 +16,8 @@ import torch
 import kernels
 from tuneqdm_core import functional
 from tuneqdm_core.functional import ConvGeometry, PackedWeight, separable_conv2d, separable_linear
-from tuneqdm_core.quant import group_steps, integer_weight, num_groups, quantize_weight
+from tuneqdm_core.packing import group_steps
+from tuneqdm_core.quant import integer_weight, num_groups, quantize_weight
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Tolerances relative to the largest reference value: fp32 is exact up to summation order; fp16 and

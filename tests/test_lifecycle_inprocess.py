@@ -99,7 +99,7 @@ def test_every_native_schedule_spans_the_expert_scale_and_inverts(pack, model_ty
     sigma_of_timestep inverts the routing's schedule_timestep."""
     import comfy.model_base
     import comfy.supported_models
-    from tuneqdm_pack.nodes.routing import schedule_timestep, sigma_of_timestep
+    from tuneqdm_pack.nodes.model_schedule import schedule_timestep, sigma_of_timestep
 
     config = comfy.supported_models.SD15({})
     ms = comfy.model_base.model_sampling(config, comfy.model_base.ModelType[model_type])

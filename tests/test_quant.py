@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from tuneqdm_core import dequantize, pack, quantize_weight, unpack
-from tuneqdm_core.quant import packed_width
+from tuneqdm_core import dequantize, quantize_weight
+from tuneqdm_core.packing import pack, packed_width, unpack
 
 
 @pytest.mark.parametrize("bits", range(2, 9))

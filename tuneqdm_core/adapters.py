@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .functional import ConvGeometry
+from .errors import UnsupportedError
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class LowRank:
 
     def conv2d(self, x: torch.Tensor, geo: ConvGeometry) -> torch.Tensor:
         if geo.groups != 1:
-            raise ValueError("a low-rank adapter on a grouped convolution is not supported")
+            raise UnsupportedError("a low-rank adapter on a grouped convolution is not supported")
         # The spatial kernel (and so the layer's stride, padding and dilation) sits on mid when there is one.
         if self.mid is None:
             h = F.conv2d(x, _as_conv(self.down), None, geo.stride, geo.padding, geo.dilation)

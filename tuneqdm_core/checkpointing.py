@@ -9,6 +9,7 @@ from typing import Iterator
 import torch.utils.checkpoint
 from torch import nn
 
+from .errors import InPlaceInputError
 from .model import release_freed_memory
 from .out_of_place import augmented_assignment_out_of_place
 
@@ -27,11 +28,6 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
         elif _has_params(child):
             blocks.append(child)
     return blocks
-
-
-class InPlaceInputError(RuntimeError):
-    """A checkpointed block changed one of its input tensors in place: its recompute would start from the
-    changed values and the gradients would be wrong, so the step stops instead."""
 
 
 def _versions(values) -> list[tuple[torch.Tensor, int]]:

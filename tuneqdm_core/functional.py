@@ -45,11 +45,12 @@ import importlib
 import importlib.util
 import os
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
+from .errors import BackendUnavailableError, SettingError
 from .quant import integer_weight
 
 BACKENDS = ("torch", "triton")
@@ -166,7 +167,7 @@ def set_cpu_inference_bf16(mode: str | None) -> None:
     """'auto' (large no-grad CPU float32 calls in bf16), 'on' (all no-grad CPU float32 calls), 'off'
     (never, the default); None defers to TUNEQDM_CPU_BF16. Process-wide."""
     if mode is not None and mode not in CPU_BF16_MODES:
-        raise ValueError(f"mode must be one of {CPU_BF16_MODES} or None, got {mode!r}")
+        raise SettingError(f"mode must be one of {CPU_BF16_MODES} or None, got {mode!r}")
     _settings.cpu_bf16 = mode
 
 
@@ -209,7 +210,7 @@ def _kernels():
 def _require_kernels():
     mod = _kernels()
     if mod is None:
-        raise RuntimeError(f"the Triton backend is unavailable: {_kernels_state['error']}")
+        raise BackendUnavailableError(f"the Triton backend is unavailable: {_kernels_state['error']}")
     return mod
 
 
@@ -227,7 +228,7 @@ def select_backend(x: torch.Tensor, backend: str | None = None) -> str:
     CUDA tensors of a supported dtype when triton imports and the torch path is not forced."""
     if backend not in (None, "auto"):
         if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, 'auto' or None, got {backend!r}")
+            raise SettingError(f"backend must be one of {BACKENDS}, 'auto' or None, got {backend!r}")
         return backend
     if torch_forced() or not x.is_cuda or x.dtype not in TRITON_DTYPES or x.numel() == 0:
         return "torch"
@@ -303,30 +304,46 @@ def _sliced(weight: PackedWeight, groups: int, dtype: torch.dtype, backend: str,
     return out
 
 
-def _linear_forward(x, s_in, s_out, bias, experts, weight: PackedWeight, compute: torch.dtype | None):
-    """y = s_out[e] * ((x * s_in[e]) @ A^T) + b, multiplying in `compute` (None: x's dtype)."""
-    c = x.ndim - 1
+@dataclass(frozen=True)
+class _Product:
+    """v = f(u, A) of one layer kind, and what the shared forward and backward need of it."""
+
+    channel_dim: int  # of the activation and the output; negative counts from the last
+    groups: int  # convolution groups: A is sliced by output channels only when 1
+    backend: str  # who builds A: torch ops, or the Triton dequantize kernel
+    apply: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (u, A) -> v
+    input_grad: Callable[[torch.Size, torch.Tensor, torch.Tensor], torch.Tensor]  # (u's shape, dv, A) -> du
+
+
+_LINEAR = _Product(-1, 1, "torch", F.linear, lambda shape, dv, a: torch.matmul(dv, a))
+
+
+def _conv_product(geo: ConvGeometry, backend: str) -> _Product:
+    return _Product(1, geo.groups, backend,
+                    lambda u, a: F.conv2d(u, a, None, geo.stride, geo.padding, geo.dilation, geo.groups),
+                    lambda shape, dv, a: torch.nn.grad.conv2d_input(shape, a, dv, geo.stride, geo.padding,
+                                                                    geo.dilation, geo.groups))
+
+
+def _forward(x, s_in, s_out, bias, experts, weight: PackedWeight, op: _Product, compute: torch.dtype | None):
+    """y = s_out[e] * f(x * s_in[e], A) + b, multiplying in `compute` (None: x's dtype)."""
+    c = op.channel_dim % x.ndim
     u = _scaled_input(x, _per_sample(s_in, experts, x.dtype, x.ndim, c), compute)
-    v = _sliced(weight, 1, compute or x.dtype, "torch", lambda a: F.linear(u, a), c)
+    v = _sliced(weight, op.groups, compute or x.dtype, op.backend, lambda a: op.apply(u, a), c)
     del u
     return _epilogue(v, s_out, bias, experts, x.dtype, c)
 
 
-def _conv_forward(x, s_in, s_out, bias, experts, weight: PackedWeight, geo: ConvGeometry,
-                  compute: torch.dtype | None, backend: str = "torch"):
-    u = _scaled_input(x, _per_sample(s_in, experts, x.dtype, 4, 1), compute)
-    v = _sliced(weight, geo.groups, compute or x.dtype, backend,
-                lambda a: F.conv2d(u, a, None, geo.stride, geo.padding, geo.dilation, geo.groups), 1)
-    del u
-    return _epilogue(v, s_out, bias, experts, x.dtype, 1)
+class _Separable(torch.autograd.Function):
+    """The torch path's autograd for both layer kinds, and the conv's on both backends: A comes from
+    `weight.integers`, lives only inside the call, and is rebuilt in backward one slice of output
+    channels at a time."""
 
-
-class _SeparableLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, s_in, s_out, bias, experts, weight: PackedWeight):
-        y = _linear_forward(x, s_in, s_out, bias, experts, weight, None)
+    def forward(ctx, x, s_in, s_out, bias, experts, weight: PackedWeight, op: _Product):
+        y = _forward(x, s_in, s_out, bias, experts, weight, op, None)
         ctx.save_for_backward(x, s_in, s_out, experts)
-        ctx.weight = weight
+        ctx.weight, ctx.op = weight, op
         ctx.has_bias = bias is not None
         return y
 
@@ -334,78 +351,35 @@ class _SeparableLinear(torch.autograd.Function):
     def backward(ctx, g):
         x, s_in, s_out, experts = ctx.saved_tensors
         need_x, need_in, need_out, need_b = ctx.needs_input_grad[:4]
-        dtype, n, c = x.dtype, s_in.shape[0], x.ndim - 1
+        op = ctx.op
+        dtype, n, c = x.dtype, s_in.shape[0], op.channel_dim % x.ndim
         grad_x = grad_in = grad_out = grad_b = None
-        sin = _per_sample(s_in, experts, dtype, x.ndim, c)
+        sin = _per_sample(s_in, experts, dtype, x.ndim, c) if need_out or need_x else None
         u = x * sin if need_out else None  # activation-sized: only when the s_out gradient needs it
         gv = g * _per_sample(s_out, experts, dtype, x.ndim, c) if need_x or need_in else None
         gu = None
         if need_out:
             grad_out = torch.empty(n, s_out.shape[1], dtype=torch.float32, device=x.device)
-        for sl in ctx.weight.row_slices():  # A one slice of output channels at a time
-            a = ctx.weight.rows(sl).integers(dtype)
+        for sl in ctx.weight.row_slices(op.groups):
+            a = ctx.weight.rows(sl).integers(dtype, op.backend)
+            width = sl.stop - sl.start
             if need_out:
-                grad_out[:, sl] = _expert_grad(g[..., sl] * F.linear(u, a), experts, n, c)
-            if need_x or need_in:
-                part = torch.matmul(gv[..., sl], a)
-                gu = part if gu is None else gu.add_(part)
-            del a
-        if need_out:
-            grad_out = grad_out.to(s_out.dtype)
-        if need_x or need_in:
-            if need_x:
-                grad_x = gu * sin
-            if need_in:
-                grad_in = _expert_grad(x * gu, experts, n, c).to(s_in.dtype)
-        if need_b and ctx.has_bias:
-            grad_b = g.reshape(-1, g.shape[-1]).float().sum(0)
-        return grad_x, grad_in, grad_out, grad_b, None, None
-
-
-class _SeparableConv2d(torch.autograd.Function):
-    """The conv of both backends: A comes from `weight.integers` (torch ops or the Triton dequantize
-    kernel), lives only inside the call, and is rebuilt in backward."""
-
-    @staticmethod
-    def forward(ctx, x, s_in, s_out, bias, experts, weight: PackedWeight, geo: ConvGeometry, backend: str):
-        y = _conv_forward(x, s_in, s_out, bias, experts, weight, geo, None, backend)
-        ctx.save_for_backward(x, s_in, s_out, experts)
-        ctx.weight, ctx.geo, ctx.backend = weight, geo, backend
-        ctx.has_bias = bias is not None
-        return y
-
-    @staticmethod
-    def backward(ctx, g):
-        x, s_in, s_out, experts = ctx.saved_tensors
-        need_x, need_in, need_out, need_b = ctx.needs_input_grad[:4]
-        geo, dtype, n = ctx.geo, x.dtype, s_in.shape[0]
-        grad_x = grad_in = grad_out = grad_b = None
-        u = x * _per_sample(s_in, experts, dtype, 4, 1) if need_out else None  # only for the s_out gradient
-        gv = g * _per_sample(s_out, experts, dtype, 4, 1) if need_x or need_in else None
-        gu = None
-        if need_out:
-            grad_out = torch.empty(n, s_out.shape[1], dtype=torch.float32, device=x.device)
-        for sl in ctx.weight.row_slices(geo.groups):  # A one slice of output channels at a time
-            a = ctx.weight.rows(sl).integers(dtype, ctx.backend)
-            if need_out:
-                v = F.conv2d(u, a, None, geo.stride, geo.padding, geo.dilation, geo.groups)
-                grad_out[:, sl] = _expert_grad(g[:, sl] * v, experts, n, 1)
+                v = op.apply(u, a)
+                grad_out[:, sl] = _expert_grad(g.narrow(c, sl.start, width) * v, experts, n, c)
                 del v
             if need_x or need_in:
-                part = torch.nn.grad.conv2d_input(x.shape, a, gv[:, sl], geo.stride, geo.padding, geo.dilation,
-                                                  geo.groups)
+                part = op.input_grad(x.shape, gv.narrow(c, sl.start, width), a)
                 gu = part if gu is None else gu.add_(part)
             del a
         if need_out:
             grad_out = grad_out.to(s_out.dtype)
-        if need_x or need_in:
-            if need_x:
-                grad_x = gu * _per_sample(s_in, experts, dtype, 4, 1)
-            if need_in:
-                grad_in = _expert_grad(x * gu, experts, n, 1).to(s_in.dtype)
+        if need_x:
+            grad_x = gu * sin
+        if need_in:
+            grad_in = _expert_grad(x * gu, experts, n, c).to(s_in.dtype)
         if need_b and ctx.has_bias:
-            grad_b = g.float().sum(dim=(0, 2, 3))
-        return grad_x, grad_in, grad_out, grad_b, None, None, None, None
+            grad_b = g.float().sum(dim=[d for d in range(g.ndim) if d != c])
+        return grad_x, grad_in, grad_out, grad_b, None, None, None
 
 
 # ---------------------------------------------------------------- the dispatcher
@@ -416,10 +390,10 @@ def separable_linear(x: torch.Tensor, s_in: torch.Tensor, s_out: torch.Tensor, b
     if select_backend(x, backend) == "triton":
         return _require_kernels().separable_linear(x, s_in, s_out, bias, experts, weight)
     if _builds_graph(x, s_in, s_out, bias):
-        return _SeparableLinear.apply(x, s_in, s_out, bias, experts, weight)
+        return _Separable.apply(x, s_in, s_out, bias, experts, weight, _LINEAR)
     n, k = weight.shape[0], weight.shape[1]
     rows = x.numel() // max(k, 1)
-    return _linear_forward(x, s_in, s_out, bias, experts, weight, _cpu_compute_dtype(x, 2 * rows * n * k, n * k))
+    return _forward(x, s_in, s_out, bias, experts, weight, _LINEAR, _cpu_compute_dtype(x, 2 * rows * n * k, n * k))
 
 
 def separable_conv2d(x: torch.Tensor, s_in: torch.Tensor, s_out: torch.Tensor, bias: torch.Tensor | None,
@@ -427,8 +401,9 @@ def separable_conv2d(x: torch.Tensor, s_in: torch.Tensor, s_out: torch.Tensor, b
                      backend: str | None = None) -> torch.Tensor:
     """x (B, C_in, H, W) already padded for non-zero padding modes; s_in (N, C_in); s_out (N, C_out)."""
     chosen = select_backend(x, backend)
+    op = _conv_product(geo, chosen)
     if _builds_graph(x, s_in, s_out, bias):
-        return _SeparableConv2d.apply(x, s_in, s_out, bias, experts, weight, geo, chosen)
+        return _Separable.apply(x, s_in, s_out, bias, experts, weight, op)
     compute = None
     if chosen == "torch":
         out_c, _, kh, kw = weight.shape
@@ -437,4 +412,4 @@ def separable_conv2d(x: torch.Tensor, s_in: torch.Tensor, s_out: torch.Tensor, b
         rows = x.shape[0] * max(ho, 0) * max(wo, 0)
         per_out = weight.shape[1] * kh * kw
         compute = _cpu_compute_dtype(x, 2 * rows * out_c * per_out, out_c * per_out)
-    return _conv_forward(x, s_in, s_out, bias, experts, weight, geo, compute, chosen)
+    return _forward(x, s_in, s_out, bias, experts, weight, op, compute)

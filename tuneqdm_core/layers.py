@@ -16,8 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapters import Adapter, LowRank, apply_adapters
+from .errors import MissingScalesError, ModelMismatchError, RoutingError, SettingError, UnsupportedError
 from .functional import ConvGeometry, PackedWeight, separable_conv2d, separable_linear
-from .quant import QuantizedWeight, check_bits, check_group_size, num_groups, packed_width, quantize_weight
+from .packing import check_bits, packed_width
+from .quant import QuantizedWeight, check_group_size, num_groups, quantize_weight
 from .routing import ExpertRouter
 
 
@@ -43,7 +45,7 @@ class QuantLayer(nn.Module):
         self.bits = check_bits(bits)
         self.group_size = check_group_size(group_size)
         if experts < 1:
-            raise ValueError(f"experts must be at least 1, got {experts}")
+            raise SettingError(f"experts must be at least 1, got {experts}")
         self.num_experts = experts
         self.tuneqdm_name = ""
         self.router: ExpertRouter | None = None
@@ -69,17 +71,40 @@ class QuantLayer(nn.Module):
         self.s_in = nn.Parameter(torch.ones(experts, in_channels, device=device), requires_grad=train_s_in)
         self.bias = nn.Parameter(torch.zeros(out_channels, device=device), requires_grad=False) if has_bias else None
 
+    @classmethod
+    def from_float(cls, layer: nn.Linear | nn.Conv2d, *, bits: int, experts: int, train_s_in: bool = True,
+                   s_in_init: str = "ones", s_in_sigma: float = 0.01, generator: torch.Generator | None = None,
+                   compute_device: torch.device | None = None, weight: torch.Tensor | None = None,
+                   device: torch.device | str | None = None, group_size: int = 0,
+                   minimize: bool = True) -> QuantLayer:
+        """The quantized twin of a float `layer` (an nn.Linear for QuantLinear, an nn.Conv2d for
+        QuantConv2d). `weight` replaces the layer's own weight (same shape) when given; the layer is built
+        on `device` (default: the weight's). `group_size` 0: one step per output channel; else per group
+        of that many input values, `minimize` refining each group's step and zero (quant.py)."""
+        weight = layer.weight if weight is None else weight
+        device = weight.device if device is None else torch.device(device)
+        q = cls._shaped_like(layer, bits=bits, experts=experts, train_s_in=train_s_in, device=device,
+                             group_size=group_size)
+        qw = _quantize_on(weight, bits, compute_device, device, group_size, minimize)
+        q._set_quantized(qw, layer.bias, s_in_init, s_in_sigma, generator)
+        return q
+
+    @classmethod
+    def _shaped_like(cls, layer: nn.Module, **options) -> QuantLayer:
+        """An empty layer of this kind with `layer`'s geometry; `options` are the quantization's."""
+        raise NotImplementedError
+
     def _set_quantized(self, qw: QuantizedWeight, bias: torch.Tensor | None, s_in_init: str,
                        s_in_sigma: float, generator: torch.Generator | None) -> None:
         with torch.no_grad():
             self.qweight.copy_(qw.packed)
             if qw.group_size != self.group_size:
-                raise ValueError(f"quantized with group size {qw.group_size}, the layer has {self.group_size}")
+                raise ModelMismatchError(f"quantized with group size {qw.group_size}, the layer has {self.group_size}")
             self.zero.copy_(qw.zero)
             if self.group_scale is not None:
                 if qw.group_scale.dtype != self.group_scale.dtype or qw.group_scale.shape != self.group_scale.shape:
-                    raise ValueError(f"group steps {qw.group_scale.dtype} {tuple(qw.group_scale.shape)} do not fit "
-                                     f"the layer's {self.group_scale.dtype} {tuple(self.group_scale.shape)}")
+                    raise ModelMismatchError(f"group steps {qw.group_scale.dtype} {tuple(qw.group_scale.shape)} "
+                                             f"do not fit the layer's {self.group_scale.dtype} {tuple(self.group_scale.shape)}")
                 self.group_scale.copy_(qw.group_scale)
             self.base_scale.copy_(qw.scale)
             self.s_out.copy_(qw.scale.expand_as(self.s_out))
@@ -87,7 +112,7 @@ class QuantLayer(nn.Module):
                 noise = torch.randn(self.s_in.shape, generator=generator, device="cpu")
                 self.s_in.copy_(1.0 + s_in_sigma * noise)
             elif s_in_init != "ones":
-                raise ValueError(f"s_in_init must be 'ones' or 'normal', got {s_in_init!r}")
+                raise SettingError(f"s_in_init must be 'ones' or 'normal', got {s_in_init!r}")
             if bias is not None:
                 self.bias = nn.Parameter(bias.detach().to(self.qweight.device, copy=True), requires_grad=False)
 
@@ -106,7 +131,7 @@ class QuantLayer(nn.Module):
             try:
                 return router.scales[self.tuneqdm_name]
             except KeyError:
-                raise KeyError(f"active scale set has no entry for layer {self.tuneqdm_name!r}") from None
+                raise MissingScalesError(f"active scale set has no entry for layer {self.tuneqdm_name!r}") from None
         return self.s_out, self.s_in
 
     def operands(self, x: torch.Tensor) -> tuple[PackedWeight, torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -137,7 +162,7 @@ class QuantLayer(nn.Module):
     def _experts(self, x: torch.Tensor) -> torch.Tensor:
         if self.router is None:
             if self.num_experts > 1:
-                raise RuntimeError(f"layer {self.tuneqdm_name!r} has {self.num_experts} experts but no router")
+                raise RoutingError(f"layer {self.tuneqdm_name!r} has {self.num_experts} experts but no router")
             return torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         return self.router.experts_for_batch(x.shape[0], x.device)
 
@@ -159,21 +184,8 @@ class QuantLinear(QuantLayer):
                          step_codes)
 
     @classmethod
-    def from_float(cls, layer: nn.Linear, *, bits: int, experts: int, train_s_in: bool = True,
-                   s_in_init: str = "ones", s_in_sigma: float = 0.01, generator: torch.Generator | None = None,
-                   compute_device: torch.device | None = None, weight: torch.Tensor | None = None,
-                   device: torch.device | str | None = None, group_size: int = 0,
-                   minimize: bool = True) -> "QuantLinear":
-        """`weight` replaces the layer's own weight (same shape) when given; the layer is built on
-        `device` (default: the weight's). `group_size` 0: one step per output channel; else per group of
-        that many input values, `minimize` refining each group's step and zero (quant.py)."""
-        weight = layer.weight if weight is None else weight
-        device = weight.device if device is None else torch.device(device)
-        q = cls(layer.in_features, layer.out_features, layer.bias is not None, bits=bits, experts=experts,
-                train_s_in=train_s_in, device=device, group_size=group_size)
-        qw = _quantize_on(weight, bits, compute_device, device, group_size, minimize)
-        q._set_quantized(qw, layer.bias, s_in_init, s_in_sigma, generator)
-        return q
+    def _shaped_like(cls, layer: nn.Linear, **options) -> "QuantLinear":
+        return cls(layer.in_features, layer.out_features, layer.bias is not None, **options)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim == 1:
@@ -193,28 +205,16 @@ class QuantConv2d(QuantLayer):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.dilation = pair(kernel_size), pair(stride), pair(dilation)
         if isinstance(padding, str):
-            raise ValueError("string padding ('same'/'valid') is not supported; give explicit padding")
+            raise UnsupportedError("string padding ('same'/'valid') is not supported; give explicit padding")
         self.padding, self.groups, self.padding_mode = pair(padding), groups, padding_mode
         self.weight_shape = (out_channels, in_channels // groups, *self.kernel_size)
         k = (in_channels // groups) * self.kernel_size[0] * self.kernel_size[1]
         self._init_quant(out_channels, in_channels, k, bits, experts, train_s_in, bias, device, group_size, step_codes)
 
     @classmethod
-    def from_float(cls, layer: nn.Conv2d, *, bits: int, experts: int, train_s_in: bool = True,
-                   s_in_init: str = "ones", s_in_sigma: float = 0.01, generator: torch.Generator | None = None,
-                   compute_device: torch.device | None = None, weight: torch.Tensor | None = None,
-                   device: torch.device | str | None = None, group_size: int = 0,
-                   minimize: bool = True) -> "QuantConv2d":
-        """`weight` replaces the layer's own weight (same shape) when given; the layer is built on
-        `device` (default: the weight's). `group_size`, `minimize`: as QuantLinear.from_float."""
-        weight = layer.weight if weight is None else weight
-        device = weight.device if device is None else torch.device(device)
-        q = cls(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
-                layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode, bits=bits,
-                experts=experts, train_s_in=train_s_in, device=device, group_size=group_size)
-        qw = _quantize_on(weight, bits, compute_device, device, group_size, minimize)
-        q._set_quantized(qw, layer.bias, s_in_init, s_in_sigma, generator)
-        return q
+    def _shaped_like(cls, layer: nn.Conv2d, **options) -> "QuantConv2d":
+        return cls(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                   layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode, **options)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         packed, s_out, s_in, bias = self.operands(x)

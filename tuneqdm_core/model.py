@@ -24,6 +24,7 @@ from .layers import PLACEHOLDER, QuantConv2d, QuantLayer, QuantLinear
 from .routing import ExpertRouter
 
 ROUTER_ATTR = "tuneqdm_router"
+CONFIG_ATTR = "tuneqdm_config"  # the TuneQDMConfig the model was quantized (or loaded) with: model_config() reads it
 
 
 @dataclass
@@ -184,7 +185,7 @@ def quantize_model(module: nn.Module, config: TuneQDMConfig, *, compute_device: 
         del m
         if progress is not None:
             progress(i + 1, len(targets))
-    setattr(module, ROUTER_ATTR, router)
+    _set_model_state(module, router, config)
     report.bytes_after = tensor_bytes(module)
     release_freed_memory()
     report.seconds = time.perf_counter() - start
@@ -200,6 +201,12 @@ def release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def _set_model_state(module: nn.Module, router: ExpertRouter, config: TuneQDMConfig) -> None:
+    # Plain attributes (object.__setattr__): neither is a submodule or a parameter of the model.
+    object.__setattr__(module, ROUTER_ATTR, router)
+    object.__setattr__(module, CONFIG_ATTR, config)
 
 
 def _attach(layer: QuantLayer, name: str, router: ExpertRouter) -> None:
@@ -238,13 +245,11 @@ def is_quantized(module: nn.Module) -> bool:
 
 
 def model_config(module: nn.Module) -> TuneQDMConfig:
-    """The config a quantized model was built with, read off its layers."""
-    layers = [m for _, m in quantized_layers(module)]
-    if not layers:
+    """The config a quantized model was built with (or loaded with, from a file)."""
+    config = getattr(module, CONFIG_ATTR, None)
+    if config is None or not is_quantized(module):
         raise TypeError("this model is not TuneQDM-quantized (no quantized layers were found)")
-    first = layers[0]
-    return TuneQDMConfig(bits=first.bits, experts=first.num_experts, train_s_in=first.s_in.requires_grad,
-                         group_size=first.group_size)
+    return config
 
 
 def fingerprint(module: nn.Module) -> str:
@@ -280,7 +285,7 @@ def build_quantized_skeleton(module: nn.Module, layers: dict[str, dict], config:
         q = make_empty_layer(spec, config)
         _attach(q, name, router)
         _set_child(module, name, q)
-    setattr(module, ROUTER_ATTR, router)
+    _set_model_state(module, router, config)
 
 
 def _channels(m: nn.Module) -> tuple[int, int] | None:

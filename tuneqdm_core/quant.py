@@ -1,9 +1,8 @@
 """Weight quantization primitives: asymmetric quantization per output channel or per group of the
-input dimension, data-free error minimization of the group steps, and bit packing.
+input dimension, data-free error minimization of the group steps, and reading the codes back.
 
-A weight of any rank is viewed as (out_channels, K) with K = prod(other dims). Values with up to 4 bits
-are packed two per byte along K (low nibble first), which is what makes W4 half the size of W8;
-5..8 bits take one byte each.
+A weight of any rank is viewed as (out_channels, K) with K = prod(other dims). How its b-bit codes,
+zero points and step codes lie in bytes is tuneqdm_core/packing.py's.
 
 Group-wise (`group_size` g > 0): K is cut into ceil(K / g) groups of g consecutive values (for a conv
 weight (out, in, kh, kw) that is the flattened in*kh*kw order, as GGUF's blocks); a K that g does not
@@ -12,8 +11,8 @@ divide leaves a shorter last group. Each group has its own step and zero point:
     W[n, k] = s0[n] * S[n, k // g] * (Q[n, k] - z[n, k // g])
 
 s0 (`scale`, float32 per output channel) is the largest group step of the channel, the init of the
-trainable s_out; S = c / L the group's step relative to it, coded as an integer c in 1..L stored in the
-same cell as a zero point (L = 15 at up to 4 bits, two codes per byte; L = 255 above); z a code.
+trainable s_out; S = c / L the group's step relative to it, coded as an integer c in 1..L stored in a
+cell like a zero point's (L = 15 at up to 4 bits, two codes per byte; L = 255 above); z a code.
 So a W4 group of 16 costs one byte beyond its codes, a W8 group of 32 two bytes: 4.5 and 8.5 bits per
 weight, GGUF's Q4_0 and Q8_0 sizes. Files written before step codes existed hold S as float16
 (`group_scale` of dtype float16); they still load and compute as written. Per-channel (g = 0) is the
@@ -25,33 +24,29 @@ from dataclasses import dataclass
 
 import torch
 
-SUPPORTED_BITS = range(2, 9)
+from .errors import SettingError
+from .packing import check_bits, codes_per_byte, group_steps, group_zeros, pack, step_levels, unpack_as
+from .packing import unpack  # noqa: F401 - the package root and the benchmarks import it from here
+
 MIN_GROUP, MAX_GROUP = 8, 4096
 REFINE_ITERATIONS = 2  # least-squares refits of each group's step and zero (measured: 2 get most of 6)
 
 
 def check_group_size(group_size) -> int:
     """0 (per output channel) or an integer group size MIN_GROUP..MAX_GROUP; anything else is refused."""
-    if isinstance(group_size, bool) or not isinstance(group_size, (int,)) and not (
-            isinstance(group_size, float) and group_size.is_integer()):
-        raise ValueError(f"group_size must be 0 (per output channel) or an integer from {MIN_GROUP} to "
-                         f"{MAX_GROUP}, got {group_size!r}")
-    g = int(group_size)
+    whole = not isinstance(group_size, bool) and (
+        isinstance(group_size, int) or isinstance(group_size, float) and group_size.is_integer())
+    g = int(group_size) if whole else -1
     if g != 0 and not MIN_GROUP <= g <= MAX_GROUP:
-        raise ValueError(f"group_size must be 0 (per output channel) or an integer from {MIN_GROUP} to "
-                         f"{MAX_GROUP}, got {group_size!r}")
+        raise SettingError(f"group_size must be 0 (per output channel) or an integer from {MIN_GROUP} to "
+                           f"{MAX_GROUP}, got {group_size!r}")
     return g
 
 
 def default_group_size(bits: int) -> int:
     """The measured default (README, "Fidelity"): groups of 16 at up to 4 bits (one byte per group for step
     and zero: Q4_0's 4.5 bits per weight, 0.8x its latent distance), 32 above (8.5 bits, Q8_0's size)."""
-    return 16 if check_bits(bits) <= 4 else 32
-
-
-def step_levels(bits: int) -> int:
-    """L, the largest step code: a code fills a zero point's cell (a nibble at up to 4 bits, else a byte)."""
-    return 15 if check_bits(bits) <= 4 else 255
+    return 16 if codes_per_byte(bits) == 2 else 32
 
 
 def num_groups(k: int, group_size: int) -> int:
@@ -59,42 +54,13 @@ def num_groups(k: int, group_size: int) -> int:
     return 1 if group_size == 0 else max(1, -(-k // group_size))
 
 
-def check_bits(bits: int) -> int:
-    if int(bits) != bits or bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits must be an integer from 2 to 8, got {bits!r}")
-    return int(bits)
-
-
-def packed_width(k: int, bits: int) -> int:
-    """Bytes per output channel for K values at this bit width."""
-    return (k + 1) // 2 if check_bits(bits) <= 4 else k
-
-
-def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
-    """(out, K) integer codes in [0, 2^bits) -> (out, packed_width) uint8."""
-    q = q.to(torch.uint8)
-    if check_bits(bits) > 4:
-        return q.contiguous()
-    if q.shape[1] % 2:
-        q = torch.nn.functional.pad(q, (0, 1))
-    return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
-
-
-def unpack(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
-    """Inverse of `pack`: (out, packed_width) uint8 -> (out, K) uint8 codes."""
-    if check_bits(bits) > 4:
-        return packed
-    pairs = torch.stack((packed & 0xF, packed >> 4), dim=-1)
-    return pairs.reshape(packed.shape[0], -1)[:, :k]
-
-
 @dataclass
 class QuantizedWeight:
     """Packed integer codes of one weight plus what is needed to read them back.
 
     Dequantized value: scale * S * (unpack(packed) - zero), per output channel (group_size 0: zero (out,),
-    no group_scale, S = 1) or per group of the input dimension (zero and group_scale one code per group,
-    packed like the codes; S = `group_steps`).
+    no group_scale, S = 1) or per group of the input dimension (zero and group_scale one cell per group;
+    S = `packing.group_steps`).
     """
 
     packed: torch.Tensor  # uint8 (out, packed_width)
@@ -297,25 +263,6 @@ def _quantize_grouped(weight: torch.Tensor, bits: int, group_size: int, minimize
                            bits=bits, group_scale=pack(code, bits), group_size=group_size)
 
 
-def group_zeros(zero: torch.Tensor, bits: int, groups: int) -> torch.Tensor:
-    """Stored group zero points -> (out, G) uint8 codes: at up to 4 bits they are packed like the codes."""
-    return unpack(zero, bits, groups) if bits <= 4 else zero
-
-
-def group_steps(group_scale: torch.Tensor, bits: int, groups: int, dtype: torch.dtype = torch.float32
-                ) -> torch.Tensor:
-    """Stored group steps -> S (out, G) as `dtype`: step codes c / L, or the float16 S of older files."""
-    if group_scale.dtype != torch.uint8:
-        return group_scale.to(dtype)
-    codes = unpack(group_scale, bits, groups) if bits <= 4 else group_scale
-    return codes.to(dtype) / step_levels(bits)
-
-
-def zero_width(groups: int, bits: int, group_size: int) -> int:
-    """Bytes of zero points per output channel in a layer's `zero` buffer (0 = the (out,) per-channel form)."""
-    return packed_width(groups, bits) if group_size else 0
-
-
 def integer_weight(packed: torch.Tensor, zero: torch.Tensor, bits: int, shape: tuple[int, ...],
                    dtype: torch.dtype, group_scale: torch.Tensor | None = None, group_size: int = 0) -> torch.Tensor:
     """A = Q - z as `dtype` in the weight's own shape; group-wise, A = S * (Q - z) per group.
@@ -328,14 +275,7 @@ def integer_weight(packed: torch.Tensor, zero: torch.Tensor, bits: int, shape: t
     for d in shape[1:]:
         k *= d
     out = packed.shape[0]
-    if bits > 4:
-        a = packed.to(dtype)
-    else:
-        # Nibbles go straight into the float buffer: no full-size uint8 intermediate.
-        a = torch.empty(out, 2 * packed.shape[1], dtype=dtype, device=packed.device)
-        a[:, 0::2] = packed & 0xF
-        a[:, 1::2] = packed >> 4
-        a = a[:, :k]
+    a = unpack_as(packed, bits, k, dtype)
     if group_scale is None:
         a -= zero.to(dtype).reshape(out, -1)[:, :1]
         return a.reshape(shape)
