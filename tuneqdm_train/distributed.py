@@ -22,8 +22,6 @@ import torch.distributed as dist
 
 from tuneqdm_core.errors import CollectiveError, PeerFailedError, SettingError
 
-__all__ = ["CollectiveError", "GradientAllReduce", "Group", "PeerFailedError", "start"]
-
 STATUS_BYTES = 512
 MAX_EXPERTS = 64  # status bytes 1..64 flag the experts a rank used; the rest carry its text
 _TEXT = 1 + MAX_EXPERTS

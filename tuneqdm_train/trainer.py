@@ -24,9 +24,9 @@ import torch
 
 from . import data as data_mod
 from . import sources
-from tuneqdm_core.errors import SettingError
+from tuneqdm_core.errors import CollectiveError, SettingError
 
-from .distributed import CollectiveError, GradientAllReduce, Group
+from .distributed import GradientAllReduce, Group
 
 log = logging.getLogger("tuneqdm_train")
 
