@@ -24,6 +24,7 @@ from torch import nn
 
 from ..tuneqdm_core import (QuantReport, TuneQDMConfig, is_quantized, own_tensors, quantize_model, structural_copy,
                             torch_layer_kind)
+from ..tuneqdm_core.errors import NotQuantizedError
 from .routing_wrapper import WRAPPER_KEY, ExpertRouting
 
 
@@ -85,7 +86,7 @@ class _Unpatched:
 
 def require_quantized(model, node: str):
     if not is_quantized(model.model.diffusion_model):
-        raise ValueError(f"{node} needs a TuneQDM-quantized MODEL: connect it after 'Quantize UNet (TuneQDM)' "
+        raise NotQuantizedError(f"{node} needs a TuneQDM-quantized MODEL: connect it after 'Quantize UNet (TuneQDM)' "
                          "or 'Load Quantized UNet (TuneQDM)'")
 
 

@@ -22,10 +22,10 @@ import torch
 from comfy_api.latest import io
 
 from ..tuneqdm_core import get_router, load_scales, model_config, save_scales, scales_of
+from ..tuneqdm_core.errors import NonFiniteLossError, SettingError, TrainingDataError
 from ..tuneqdm_core.objective import ERROR_FUNCTIONS
 from ..tuneqdm_core.scales import ScaleSet
-from ..tuneqdm_core.train import (NonFiniteLossError, TrainConfig, TrainResult, train_scales,
-                                  training_record)
+from ..tuneqdm_core.train import TrainConfig, TrainResult, train_scales, training_record
 from . import folders, lora
 from .file_nodes import Scales, describe, fingerprint_of
 from .loss_plot import loss_curve_image
@@ -64,7 +64,7 @@ def _start(model, resume_name: str, steps: int) -> tuple[ScaleSet, int]:
     start = load_scales(folders.full_path(folders.SCALES, resume_name), dm)
     start_step = int(start.info.get("steps_done", "0"))
     if start_step >= steps:
-        raise ValueError(f"resume: {resume_name} already has {start_step} steps; set steps above {start_step} "
+        raise SettingError(f"resume: {resume_name} already has {start_step} steps; set steps above {start_step} "
                          "to continue it")
     return start, start_step
 
@@ -116,7 +116,7 @@ def _train(model, start: ScaleSet, start_step: int, data: TrainingData, config: 
         record = training_record(e.result.steps_done, config.steps, True, resumed_from, "non-finite loss")
         path = folders.output_path(folders.SCALES, time.strftime("tuneqdm_recovered_%Y%m%d-%H%M%S"))
         save_scales(path, dataclasses.replace(e.result.scales, info=record), dm)
-        raise RuntimeError(f"{e}; the last finite scales were saved to {path}") from None
+        raise NonFiniteLossError(f"{e}; the last finite scales were saved to {path}", e.result) from None
 
 
 def _save_partial_and_stop(scales: ScaleSet, result: TrainResult, steps: int, start_step: int, dm) -> None:
@@ -234,7 +234,7 @@ class TrainScales(io.ComfyNode):
         if train_s_in and not model_config(dm).train_s_in:
             logging.info("TuneQDM train: this MODEL was quantized with s_out only (PEQA); s_in stays frozen")
         if instance_images is None and latents is None:
-            raise ValueError("connect instance_images (with a vae) or latents (from ComfyUI's dataset nodes)")
+            raise TrainingDataError("connect instance_images (with a vae) or latents (from ComfyUI's dataset nodes)")
         data = gather(model.model, _first(vae), _first(resolution), [
             DataKind(instance_images, latents, instance_conditioning, False, "instance_images", "instance_conditioning"),
             DataKind(instance_images_2, None, instance_conditioning_2, False, "instance_images_2", "instance_conditioning_2"),

@@ -8,6 +8,7 @@ from typing import Any
 import comfy.utils
 import torch
 
+from ..tuneqdm_core.errors import TrainingDataError
 from ..tuneqdm_core.train import SampleSet
 from .dataset_inputs import LatentGroup, conditioning_per_image, group_latents, images_to_batch
 
@@ -55,14 +56,14 @@ def encode_images(vae: Any, images: list, resolution: int, base: Any, what: str)
 def _gather(base: Any, vae: Any, resolution: int, kind: DataKind) -> tuple[list[LatentGroup], list]:
     """One kind of training data -> latent groups of one size each, and their conditioning."""
     if kind.images is not None and kind.latents is not None:
-        raise ValueError(f"connect either {kind.what} (with a vae) or latents, not both")
+        raise TrainingDataError(f"connect either {kind.what} (with a vae) or latents, not both")
     if kind.conditioning is None:
-        raise ValueError(f"{kind.what} and {kind.cond_what} must be connected together")
+        raise TrainingDataError(f"{kind.what} and {kind.cond_what} must be connected together")
     if kind.latents is not None:
         groups, pairs = group_latents(kind.latents, kind.conditioning, "latents", kind.cond_what)
         return [LatentGroup(base.process_latent_in(g.latents).float(), g.conds) for g in groups], pairs
     if vae is None:
-        raise ValueError(f"{kind.what} need a vae to encode them (or give latents from ComfyUI's dataset nodes instead)")
+        raise TrainingDataError(f"{kind.what} need a vae to encode them (or give latents from ComfyUI's dataset nodes instead)")
     encoded = encode_images(vae, kind.images, resolution, base, kind.what)
     pairs, index = conditioning_per_image(kind.conditioning, encoded.shape[0], kind.cond_what)
     return [LatentGroup(encoded, index)], pairs
@@ -74,7 +75,7 @@ def gather(base: Any, vae: Any, resolution: int, kinds: list[DataKind]) -> Train
     for subject, kind in enumerate(kinds):
         if kind.images is None and kind.latents is None:
             if kind.conditioning is not None and subject > 0:
-                raise ValueError(f"{kind.what} and {kind.cond_what} must be connected together")
+                raise TrainingDataError(f"{kind.what} and {kind.cond_what} must be connected together")
             continue
         groups, pairs = _gather(base, vae, resolution, kind)
         for g in groups:

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from tuneqdm_core import NUM_TRAIN_TIMESTEPS, RoutingError, RoutingPolicy, TuneQDMConfig, quantize_model
+from tuneqdm_core.errors import SettingError
 from tuneqdm_core.model import model_config
 from tuneqdm_core.routing import expert_of_timestep, sample_timesteps
 
@@ -16,20 +17,20 @@ def test_policies_pick_experts_by_intervals_cut_points_or_one_expert():
     assert RoutingPolicy.from_inputs("fixed expert", "", 3) == RoutingPolicy(fixed_expert=3)
 
 
-@pytest.mark.parametrize("policy, experts, message", [
-    (RoutingPolicy(boundaries=(500,)), 4, "4 experts need 3 increasing boundaries, got \\[500.0\\]"),
-    (RoutingPolicy(boundaries=(700, 300, 900)), 4, "increasing"),
-    (RoutingPolicy(fixed_expert=6), 4, "fixed expert 6 does not exist: this model has experts 0..3"),
+@pytest.mark.parametrize("policy, experts, error, message", [
+    (RoutingPolicy(boundaries=(500,)), 4, RoutingError, "4 experts need 3 increasing boundaries, got \\[500.0\\]"),
+    (RoutingPolicy(boundaries=(700, 300, 900)), 4, SettingError, "increasing"),
+    (RoutingPolicy(fixed_expert=6), 4, RoutingError, "fixed expert 6 does not exist: this model has experts 0..3"),
 ])
-def test_a_policy_that_does_not_fit_the_experts_is_named(policy, experts, message):
-    with pytest.raises(RoutingError, match=message):
+def test_a_policy_that_does_not_fit_the_experts_is_named(policy, experts, error, message):
+    with pytest.raises(error, match=message):
         policy.experts(torch.zeros(1), experts)
-    with pytest.raises(RoutingError, match=message):
+    with pytest.raises(error, match=message):
         TuneQDMConfig(experts=experts, routing=policy)
 
 
 def test_unparsable_boundaries_are_named():
-    with pytest.raises(RoutingError, match="comma-separated timesteps"):
+    with pytest.raises(SettingError, match="comma-separated timesteps"):
         RoutingPolicy.from_inputs("custom boundaries", "250, half", 0)
 
 
@@ -56,7 +57,7 @@ def test_config_json_round_trips_every_field(config):
 def test_config_json_from_an_older_writer_takes_defaults_and_refuses_unknown_fields():
     defaults = TuneQDMConfig(bits=8, experts=2, group_size=0)
     assert TuneQDMConfig.from_json({"bits": 4}, defaults) == TuneQDMConfig(bits=4, experts=2, group_size=0)
-    with pytest.raises(ValueError, match="unknown TuneQDM config fields \\['warp'\\]"):
+    with pytest.raises(SettingError, match="unknown TuneQDM config fields \\['warp'\\]"):
         TuneQDMConfig.from_json({"bits": 4, "warp": 9})
 
 

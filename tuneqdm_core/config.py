@@ -9,6 +9,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import SettingError
 from .quant import check_bits, check_group_size, default_group_size
 from .routing import RoutingPolicy
 
@@ -49,9 +50,9 @@ class TuneQDMConfig:
         object.__setattr__(self, "group_size", g)
         object.__setattr__(self, "keep_float", tuple(self.keep_float))
         if not 1 <= self.experts <= 64:
-            raise ValueError(f"experts must be 1..64, got {self.experts}")
+            raise SettingError(f"experts must be 1..64, got {self.experts}")
         if self.s_in_init not in S_IN_INITS:
-            raise ValueError(f"s_in_init must be one of {S_IN_INITS}, got {self.s_in_init!r}")
+            raise SettingError(f"s_in_init must be one of {S_IN_INITS}, got {self.s_in_init!r}")
         self.routing.check(self.experts)
 
     @classmethod
@@ -78,7 +79,7 @@ class TuneQDMConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(value) - names)
         if unknown:
-            raise ValueError(f"unknown TuneQDM config fields {unknown} (written by a newer pack?)")
+            raise SettingError(f"unknown TuneQDM config fields {unknown} (written by a newer pack?)")
         kw = dataclasses.asdict(defaults) if defaults is not None else {}
         if defaults is not None:
             kw["routing"] = defaults.routing

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import TuneQDMConfig
-from .errors import FileFormatError, ModelMismatchError, RoutingError
+from .errors import FileFormatError, FileMissingError, ModelMismatchError, SettingError
 from .model import (build_quantized_skeleton, file_state_dict, fingerprint, layer_spec, model_config,
                     quantized_layers, specs_coded, specs_grouped)
 from .routing import RoutingPolicy
@@ -84,7 +84,7 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metad
     under the real name, and an existing file is replaced only by a complete one."""
     path = Path(path)
     if len(path.name.encode()) > MAX_NAME_BYTES:
-        raise ValueError(f"file name too long: {len(path.name.encode())} bytes, at most {MAX_NAME_BYTES}")
+        raise SettingError(f"file name too long: {len(path.name.encode())} bytes, at most {MAX_NAME_BYTES}")
     path.parent.mkdir(parents=True, exist_ok=True)
     # A short temporary name of its own: one derived from the target's would pass the file-name limit
     # for legal target names near it.
@@ -106,7 +106,7 @@ def read_verified(path: str | os.PathLike, expected_format: str) -> tuple[dict[s
     version and sha256: a foreign, truncated or corrupted file raises FileFormatError naming the problem."""
     path = Path(path)
     if not path.is_file():
-        raise FileFormatError(f"{path}: no such file")
+        raise FileMissingError(f"{path}: no such file")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -147,7 +147,7 @@ def read_header(path: str | os.PathLike, expected_format: str,
         layers = json.loads(meta["tuneqdm.layers"])
         config = file_config(meta, layers if expected_format == MODEL_FORMAT else None, defaults)
         header = FileHeader(expected_format, meta["tuneqdm.version"], config, meta["tuneqdm.fingerprint"], layers, meta)
-    except (KeyError, ValueError, TypeError, RoutingError) as e:
+    except (KeyError, ValueError, TypeError) as e:  # ValueError covers the config's SettingError and RoutingError
         raise FileFormatError(f"{path.name}: metadata incomplete or corrupted ({e})") from None
     return header, tensors
 
@@ -166,7 +166,7 @@ def file_config(meta: dict[str, str], layers: dict | None, defaults: TuneQDMConf
     if CONFIG_KEY in meta:
         config = TuneQDMConfig.from_json(json.loads(meta[CONFIG_KEY]), defaults)
         if any(getattr(config, k) != v for k, v in recorded.items()):
-            raise ValueError(f"{CONFIG_KEY} disagrees with the bits / experts / train_s_in entries")
+            raise FileFormatError(f"{CONFIG_KEY} disagrees with the bits / experts / train_s_in entries")
         return config
     if defaults is None and layers:
         recorded["group_size"] = int(next(iter(layers.values())).get("group_size", 0))

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .config import TuneQDMConfig
-from .errors import ModelMismatchError
+from .errors import AlreadyQuantizedError, ModelMismatchError, NotQuantizedError
 from .layers import PLACEHOLDER, QuantConv2d, QuantLayer, QuantLinear
 from .routing import ExpertRouter
 
@@ -150,7 +150,7 @@ def quantize_model(module: nn.Module, config: TuneQDMConfig, *, compute_device: 
     built on `device` (default: where each float weight lives).
     """
     if is_quantized(module):
-        raise ValueError("this model is already TuneQDM-quantized; quantize the float model instead")
+        raise AlreadyQuantizedError("this model is already TuneQDM-quantized; quantize the float model instead")
     start = time.perf_counter()
     report = QuantReport(bytes_before=tensor_bytes(module))
     router = ExpertRouter(config.experts)
@@ -236,7 +236,7 @@ def quantized_layers(module: nn.Module) -> Iterator[tuple[str, QuantLayer]]:
 def get_router(module: nn.Module) -> ExpertRouter:
     router = getattr(module, ROUTER_ATTR, None)
     if router is None:
-        raise TypeError("this model is not TuneQDM-quantized (no quantized layers were found)")
+        raise NotQuantizedError("this model is not TuneQDM-quantized (no quantized layers were found)")
     return router
 
 
@@ -248,7 +248,7 @@ def model_config(module: nn.Module) -> TuneQDMConfig:
     """The config a quantized model was built with (or loaded with, from a file)."""
     config = getattr(module, CONFIG_ATTR, None)
     if config is None or not is_quantized(module):
-        raise TypeError("this model is not TuneQDM-quantized (no quantized layers were found)")
+        raise NotQuantizedError("this model is not TuneQDM-quantized (no quantized layers were found)")
     return config
 
 

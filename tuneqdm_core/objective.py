@@ -14,6 +14,7 @@ from typing import Callable, Protocol
 
 import torch
 
+from .errors import SettingError
 from .routing import NUM_TRAIN_TIMESTEPS
 from .train import LossFn
 
@@ -44,7 +45,7 @@ class Schedule(Protocol):
 
 def error_function(name: str) -> ErrorFn:
     if name not in ERROR_FUNCTIONS:
-        raise ValueError(f"loss function {name!r}: one of {', '.join(ERROR_FUNCTIONS)}")
+        raise SettingError(f"loss function {name!r}: one of {', '.join(ERROR_FUNCTIONS)}")
     return ERROR_FUNCTIONS[name]
 
 
@@ -95,9 +96,9 @@ class PredictionSchedule:
 
     def __post_init__(self) -> None:
         if self.prediction not in PREDICTIONS:
-            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
+            raise SettingError(f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
         if self.prediction != "flow" and (self.sigmas is None or self.sigmas.numel() != NUM_TRAIN_TIMESTEPS):
-            raise ValueError(f"an {self.prediction} schedule needs {NUM_TRAIN_TIMESTEPS} sigmas, one per timestep")
+            raise SettingError(f"an {self.prediction} schedule needs {NUM_TRAIN_TIMESTEPS} sigmas, one per timestep")
 
     @classmethod
     def from_alphas_cumprod(cls, alphas_cumprod: torch.Tensor, prediction: str = "eps") -> "PredictionSchedule":

@@ -16,7 +16,7 @@ from typing import Iterator, Mapping, Sequence
 import torch
 
 from .adapters import Adapter
-from .errors import RoutingError
+from .errors import RoutingError, SettingError
 
 NUM_TRAIN_TIMESTEPS = 1000
 """The training timestep range: t in [0, NUM_TRAIN_TIMESTEPS), t = 0 the clean end. Experts split it."""
@@ -47,8 +47,12 @@ def expert_of_timestep(t: torch.Tensor, num_experts: int,
 
 
 def check_boundaries(boundaries: Sequence[float], num_experts: int) -> None:
+    """Cut points that do not increase are a bad setting; a count that does not fit the experts, a
+    policy that does not fit the model."""
     cuts = list(boundaries)
-    if len(cuts) != num_experts - 1 or any(b <= a for a, b in zip(cuts, cuts[1:])):
+    if any(b <= a for a, b in zip(cuts, cuts[1:])):
+        raise SettingError(f"{num_experts} experts need {num_experts - 1} increasing boundaries, got {cuts}")
+    if len(cuts) != num_experts - 1:
         raise RoutingError(f"{num_experts} experts need {num_experts - 1} increasing boundaries, got {cuts}")
 
 
@@ -69,7 +73,7 @@ class RoutingPolicy:
 
     def __post_init__(self) -> None:
         if self.boundaries is not None and self.fixed_expert is not None:
-            raise RoutingError("a routing policy has boundaries or a fixed expert, not both")
+            raise SettingError("a routing policy has boundaries or a fixed expert, not both")
         if self.boundaries is not None:
             object.__setattr__(self, "boundaries", tuple(float(b) for b in self.boundaries))
 
@@ -90,10 +94,10 @@ class RoutingPolicy:
             try:
                 cuts = tuple(float(v) for v in boundaries.replace(";", ",").split(",") if v.strip())
             except ValueError:
-                raise RoutingError(f"boundaries must be comma-separated timesteps like '250, 500, 750', "
+                raise SettingError(f"boundaries must be comma-separated timesteps like '250, 500, 750', "
                                    f"got {boundaries!r}") from None
             return cls(boundaries=cuts)
-        raise RoutingError(f"routing must be one of {ROUTING_MODES}, got {mode!r}")
+        raise SettingError(f"routing must be one of {ROUTING_MODES}, got {mode!r}")
 
     def check(self, num_experts: int) -> None:
         """Raise RoutingError naming why this policy cannot route a model with `num_experts` experts."""
@@ -124,7 +128,7 @@ class RoutingPolicy:
             return cls(boundaries=tuple(value["boundaries"]))
         if mode == FIXED:
             return cls(fixed_expert=int(value["fixed_expert"]))
-        raise RoutingError(f"unknown routing mode {mode!r} (known: {', '.join(ROUTING_MODES)})")
+        raise SettingError(f"unknown routing mode {mode!r} (known: {', '.join(ROUTING_MODES)})")
 
     def describe(self) -> str:
         if self.fixed_expert is not None:
@@ -176,7 +180,7 @@ class ExpertRouter:
         name -> adapters, see adapters.py); restores the previous state on exit so nested or failed calls
         leave nothing behind."""
         if timesteps is not None and experts is not None:
-            raise RoutingError("give timesteps or experts, not both")
+            raise SettingError("give timesteps or experts, not both")
         if timesteps is not None:
             experts = (policy or RoutingPolicy()).experts(timesteps, self.num_experts)
         if experts is not None:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .checkpointing import checkpointed
-from .errors import TuneQDMError
+from .errors import NonFiniteLossError, SettingError, TrainingDataError
 from .model import get_router, model_config
 from .optim import ExpertAdamW
 from .routing import sample_timesteps
@@ -57,7 +57,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.grad_accumulation_steps < 1:
-            raise ValueError(f"steps, batch_size and grad_accumulation_steps must be at least 1, got {self.steps}, "
+            raise SettingError(f"steps, batch_size and grad_accumulation_steps must be at least 1, got {self.steps}, "
                              f"{self.batch_size}, {self.grad_accumulation_steps}")
 
 
@@ -75,9 +75,9 @@ class SampleSet:
 
     def __post_init__(self) -> None:
         if self.latents.shape[0] == 0:
-            raise ValueError(f"empty image batch for conditioning {self.cond}")
+            raise TrainingDataError(f"empty image batch for conditioning {self.cond}")
         if isinstance(self.cond, tuple) and len(self.cond) != self.latents.shape[0]:
-            raise ValueError(f"{len(self.cond)} conditionings for {self.latents.shape[0]} images")
+            raise TrainingDataError(f"{len(self.cond)} conditionings for {self.latents.shape[0]} images")
 
     def cond_of(self, index: int) -> int:
         return self.cond[index] if isinstance(self.cond, tuple) else self.cond
@@ -114,14 +114,6 @@ def training_record(done: int, planned: int, partial: bool, resumed_from: str | 
     return info
 
 
-class NonFiniteLossError(TuneQDMError):
-    """Training produced a NaN/inf loss; `result` holds the last finite scales (no step taken on it)."""
-
-    def __init__(self, message: str, result: TrainResult) -> None:
-        super().__init__(message)
-        self.result = result
-
-
 def _snapshot(scales: ScaleSet) -> ScaleSet:
     return dataclasses.replace(scales, tensors={k: (o.detach().clone(), i.detach().clone())
                                                 for k, (o, i) in scales.tensors.items()}, info=dict(scales.info))
@@ -147,12 +139,12 @@ def train_scales(model: nn.Module, start: ScaleSet, data: Sequence[SampleSet], l
     drawn from, config.batch_size / len(generators) samples from each (default: one stream from
     config.seed). `sync`: see GradientSync; called once per step, after its batches, before clipping."""
     if not data:
-        raise ValueError("no training images")
+        raise TrainingDataError("no training images")
     if not 0 <= start_step < config.steps:
-        raise ValueError(f"cannot resume at step {start_step} of a {config.steps}-step run: "
+        raise SettingError(f"cannot resume at step {start_step} of a {config.steps}-step run: "
                          f"steps must be more than the {start_step} already done")
     if generators is not None and (not generators or config.batch_size % len(generators)):
-        raise ValueError(f"batch size {config.batch_size} cannot be split evenly over "
+        raise SettingError(f"batch size {config.batch_size} cannot be split evenly over "
                          f"{len(generators or ())} sample streams")
     router = get_router(model)
     start.policy.check(router.num_experts)

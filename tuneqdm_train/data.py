@@ -19,7 +19,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from tuneqdm_core.errors import FileFormatError
+from tuneqdm_core.errors import FileFormatError, FileMissingError, TrainingDataError
 from tuneqdm_core.fileio import METADATA_HASH_VERSION, SHA_KEY, atomic_save, digest, read_verified
 
 FORMAT = "tuneqdm-train-data"
@@ -62,13 +62,13 @@ def read_folder(folder: str | Path, caption: str | None) -> tuple[list[torch.Ten
     folder = Path(folder)
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise ValueError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
+        raise TrainingDataError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
     images, captions = [], []
     for path in files:
         text_file = path.with_suffix(".txt")
         text = text_file.read_text().strip() if text_file.is_file() else caption
         if not text:
-            raise ValueError(f"{path.name}: no caption ({text_file.name} missing or empty) and no --caption")
+            raise TrainingDataError(f"{path.name}: no caption ({text_file.name} missing or empty) and no --caption")
         with Image.open(path) as im:
             rgb = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
         images.append(torch.from_numpy(rgb).unsqueeze(0))
@@ -137,5 +137,5 @@ def from_path(path: str | Path, caption: str | None, encoders: Callable[[], Any]
         enc = encoders()
         return encode_folder(path, caption, enc.text, enc.vae, enc.resolution)
     if not path.exists():
-        raise FileNotFoundError(f"--data {path}: no such file or folder")
+        raise FileMissingError(f"--data {path}: no such file or folder")
     return load(path)

@@ -24,7 +24,9 @@ import torch
 
 from . import data as data_mod
 from . import sources
-from .distributed import CollectiveError, GradientAllReduce, Group
+from tuneqdm_core.errors import CollectiveError, SettingError
+
+from .distributed import GradientAllReduce, Group
 
 log = logging.getLogger("tuneqdm_train")
 
@@ -55,7 +57,7 @@ def build_loss(base: Any, conds: list, device: torch.device, loss_name: str, see
     from tuneqdm_pack.tuneqdm_core.objective import ERROR_FUNCTIONS
 
     if loss_name not in ERROR_FUNCTIONS:
-        raise ValueError(f"--loss {loss_name}: one of {', '.join(ERROR_FUNCTIONS)}")
+        raise SettingError(f"--loss {loss_name}: one of {', '.join(ERROR_FUNCTIONS)}")
     return model_objective(base, conds, device, ERROR_FUNCTIONS[loss_name], timestep_noise(seed))
 
 
@@ -96,7 +98,7 @@ def run(args: argparse.Namespace, group: Group) -> dict:
 
     out = Path(args.out)
     if out.suffix != ".safetensors":
-        raise ValueError(f"--out {out}: a scales file name ends in .safetensors")
+        raise SettingError(f"--out {out}: a scales file name ends in .safetensors")
     model = sources.load_model(args.model, args.bits, args.experts)
     data = data_mod.from_path(args.data, args.caption,
                               lambda: sources.encoders(model, args.vae, args.text_encoder, args.clip_type, args.resolution))
@@ -106,7 +108,7 @@ def run(args: argparse.Namespace, group: Group) -> dict:
         start = core.load_scales(args.resume, dm)
         start_step = int(start.info.get("steps_done", "0"))
         if start_step >= args.steps:
-            raise ValueError(f"--resume {args.resume}: already has {start_step} steps; set --steps above {start_step} to continue it")
+            raise SettingError(f"--resume {args.resume}: already has {start_step} steps; set --steps above {start_step} to continue it")
     # Every rank must hold the same model, data and settings, or the all-reduced gradients mean nothing.
     identity = (f"model {start.fingerprint}, data {data.digest()}, start step {start_step}, steps {args.steps}, "
                 f"batch {args.batch_size}, streams {args.streams}, seed {args.seed}")
