@@ -9,6 +9,7 @@ from ..tuneqdm_core import QuantReport, TuneQDMConfig
 from .patcher import progress_callback, quantize_patcher
 
 CATEGORY = "TuneQDM"
+BITS = ("4", "8")
 SCALE_MODES = ("s_out and s_in (TuneQDM)", "s_out only (PEQA)")
 PER_CHANNEL = "per-channel"
 AUTO_GROUP = "auto"
@@ -19,7 +20,7 @@ DEFAULT_GROUP = AUTO_GROUP
 def quantize_options() -> list[io.Input]:
     """The inputs every quantizing node takes, in this order (saved workflows list widget values by position)."""
     return [
-        io.Combo.Input("bits", options=["4", "8"], default="4", tooltip="Weight bits. W4 packs two weights per byte."),
+        io.Combo.Input("bits", options=list(BITS), default="4", tooltip="Weight bits. W4 packs two weights per byte."),
         io.Int.Input("experts", default=4, min=1, max=8,
                      tooltip="Timestep experts: the 1000 timesteps are split into this many equal intervals, each "
                              "with its own scales. 1 = no timestep experts."),
@@ -46,21 +47,25 @@ def quantize_optional() -> list[io.Input]:
     ]
 
 
+def _check_option(name: str, value: str, options: tuple[str, ...]) -> str:
+    """ComfyUI 0.3.x validates a V3 combo's value only by its type, so an API prompt can send any string."""
+    if value not in options:
+        raise ValueError(f"{name} must be one of {', '.join(options)}, got {value!r}")
+    return value
+
+
 def group_size_of(option: str) -> int | None:
     """The config's group size for a widget value: None (auto) lets the config pick it for the bits."""
-    if option == AUTO_GROUP:
+    if _check_option("group_size", option, GROUP_SIZES) == AUTO_GROUP:
         return None
-    if option == PER_CHANNEL:
-        return 0
-    if option not in GROUP_SIZES:
-        raise ValueError(f"group_size must be one of {', '.join(GROUP_SIZES)}, got {option!r}")
-    return int(option)
+    return 0 if option == PER_CHANNEL else int(option)
 
 
 def config_from_options(bits: str, experts: int, scales: str, s_in_init: str, keep_float: str,
                         group_size: str = DEFAULT_GROUP) -> TuneQDMConfig:
     patterns = tuple(p.strip() for p in keep_float.split(",") if p.strip())
-    return TuneQDMConfig(bits=int(bits), experts=experts, train_s_in=scales == SCALE_MODES[0],
+    return TuneQDMConfig(bits=int(_check_option("bits", bits, BITS)), experts=experts,
+                         train_s_in=_check_option("scales", scales, SCALE_MODES) == SCALE_MODES[0],
                          s_in_init=s_in_init, keep_float=patterns, group_size=group_size_of(group_size))
 
 
