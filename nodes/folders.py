@@ -8,6 +8,7 @@ import re
 
 import folder_paths
 
+from ..tuneqdm_core.errors import FileMissingError, SettingError
 from ..tuneqdm_core.fileio import MAX_NAME_BYTES, MODEL_FORMAT, SCALES_FORMAT, file_format
 
 FOLDER = "tuneqdm"  # the shared folder of earlier versions
@@ -53,26 +54,26 @@ def files(kind: str) -> list[str]:
 def full_path(kind: str, name: str) -> str:
     path = folder_paths.get_full_path(kind, name) or folder_paths.get_full_path(FOLDER, name)
     if path is None:
-        raise FileNotFoundError(f"{name}: not in models/{FOLDER}/{_SUBFOLDER[kind]}/ nor in models/{FOLDER}/")
+        raise FileMissingError(f"{name}: not in models/{FOLDER}/{_SUBFOLDER[kind]}/ nor in models/{FOLDER}/")
     return path
 
 
 def check_prefix(filename_prefix: str) -> str:
     """The prefix without '.safetensors', or ValueError saying why it cannot name a visible, loadable file."""
     if "\x00" in filename_prefix:
-        raise ValueError(f"filename_prefix {filename_prefix!r} contains a NUL character, which no file name can hold")
+        raise SettingError(f"filename_prefix {filename_prefix!r} contains a NUL character, which no file name can hold")
     stem = filename_prefix.removesuffix(EXT)
     parts = re.split(r"[/\\]", stem)
     if not parts[-1].strip():
-        raise ValueError(f"filename_prefix {filename_prefix!r} names no file (empty, or ends with '/'): "
+        raise SettingError(f"filename_prefix {filename_prefix!r} names no file (empty, or ends with '/'): "
                          "give a name such as 'my_scales' or 'subject/v1'")
     for i, part in enumerate(parts):
         if part.startswith(".") and (i == len(parts) - 1 or part not in (".", "..")):
-            raise ValueError(f"filename_prefix {filename_prefix!r}: {part!r} starts with '.', which makes a hidden "
+            raise SettingError(f"filename_prefix {filename_prefix!r}: {part!r} starts with '.', which makes a hidden "
                              "file or folder that no dropdown lists")
     longest = len(f"{parts[-1]}_{0:0{_COUNTER_DIGITS}}{EXT}".encode())
     if longest > MAX_NAME_BYTES:
-        raise ValueError(f"filename_prefix {filename_prefix!r}: the file name would be {longest} bytes with the counter "
+        raise SettingError(f"filename_prefix {filename_prefix!r}: the file name would be {longest} bytes with the counter "
                          f"and {EXT}; at most {MAX_NAME_BYTES}, so at most "
                          f"{MAX_NAME_BYTES - longest + len(parts[-1].encode())} bytes for the last part")
     return stem
@@ -86,7 +87,7 @@ def output_path(kind: str, filename_prefix: str, overwrite: bool = False) -> str
     root = os.path.abspath(folder_paths.get_folder_paths(kind)[0])
     path = os.path.abspath(os.path.join(root, stem + EXT))
     if os.path.commonpath([root, path]) != root:
-        raise ValueError(f"filename_prefix {filename_prefix!r} points outside models/{FOLDER}/{_SUBFOLDER[kind]}/")
+        raise SettingError(f"filename_prefix {filename_prefix!r} points outside models/{FOLDER}/{_SUBFOLDER[kind]}/")
     if overwrite or not os.path.exists(path):
         return path
     folder, base = os.path.split(path[: -len(EXT)])

@@ -19,13 +19,14 @@ import torch
 
 from ..tuneqdm_core import quantized_layers
 from ..tuneqdm_core.adapters import Adapter, LowRank, WeightDelta
+from ..tuneqdm_core.errors import UnsupportedError
 
 DIFFUSION_PREFIX = "diffusion_model."
 _ADDITIVE = tuple(getattr(comfy.weight_adapter, name) for name in ("LoHaAdapter", "LoKrAdapter")
                   if hasattr(comfy.weight_adapter, name))
 
 
-class UnsupportedPatch(ValueError):
+class UnsupportedPatch(UnsupportedError):
     """A weight patch on a quantized layer that cannot be applied without its float weight."""
 
 

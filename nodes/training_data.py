@@ -3,7 +3,7 @@ ComfyUI's dataset latents, each kind (subject, second subject, class images) wit
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import comfy.utils
 import torch
@@ -45,11 +45,16 @@ class TrainingData:
         return f"latents: {sizes}; conditionings: {captions}"
 
 
-def encode_images(vae: Any, images: list, resolution: int, base: Any, what: str) -> torch.Tensor:
+def square_resize(resolution: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """IMAGE -> the IMAGE resized and center-cropped to resolution x resolution (how training images are sized)."""
     def resize(image: torch.Tensor) -> torch.Tensor:
         return comfy.utils.common_upscale(image.movedim(-1, 1), resolution, resolution, "bilinear", "center").movedim(1, -1)
 
-    pixels = images_to_batch(images, what, resize)
+    return resize
+
+
+def encode_images(vae: Any, images: list, resolution: int, base: Any, what: str) -> torch.Tensor:
+    pixels = images_to_batch(images, what, square_resize(resolution))
     return base.process_latent_in(vae.encode(pixels)).float()
 
 

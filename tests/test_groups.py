@@ -13,20 +13,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tuneqdm_core import (ExpertRouter, QuantConv2d, QuantLinear, TuneQDMConfig, dequantize, fingerprint,
+from tuneqdm_core import (QuantConv2d, QuantLinear, TuneQDMConfig, dequantize, fingerprint,
                           quantize_model, quantize_weight)
 from tuneqdm_core.fileio import (load_quantized_model, load_scales, read_quantized_model, save_quantized_model,
                                  save_scales)
 from tuneqdm_core.packing import group_steps, group_zeros, packed_width, step_levels, unpack
 from tuneqdm_core.quant import check_group_size, default_group_size, integer_weight, minimize_groups, num_groups
 from tuneqdm_core.scales import scales_of
-from test_layers import randomize_scales
+from test_layers import against_reference, assert_close_each, randomize_scales, scaled_weight
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def reference_weight(layer, e):
-    """diag(s_out[e]) (S * (Q - z)) diag(s_in[e]) built explicitly in float64, S and z expanded per value."""
+def explicit_codes_weight(layer):
+    """S * (Q - z) of a group-wise layer built explicitly in float64, S and z expanded per value."""
     out, k = layer.weight_shape[0], 1
     for d in layer.weight_shape[1:]:
         k *= d
@@ -35,18 +35,7 @@ def reference_weight(layer, e):
     idx = torch.arange(k) // g
     z = group_zeros(layer.zero, layer.bits, num_groups(k, g)).double()[:, idx]
     s = group_steps(layer.group_scale, layer.bits, num_groups(k, g), torch.float64)[:, idx]
-    a = (s * (codes - z)).reshape(layer.weight_shape)
-    s_out, s_in = layer.s_out[e].double(), layer.s_in[e].double()
-    if a.ndim == 2:
-        return s_out[:, None] * a * s_in[None, :]
-    groups = layer.groups
-    s_in_rows = s_in.reshape(groups, -1).repeat_interleave(a.shape[0] // groups, dim=0)
-    return s_out[:, None, None, None] * a * s_in_rows[:, :, None, None]
-
-
-def route(layer, experts):
-    layer.router = ExpertRouter(layer.num_experts)
-    return layer.router.route(experts=torch.tensor(experts))
+    return (s * (codes - z)).reshape(layer.weight_shape)
 
 
 def leaves(layer):
@@ -65,25 +54,14 @@ def test_grouped_linear_forward_and_all_gradients_match_autograd_on_dequantized_
     q.bias.requires_grad_(True) if bias else None
     experts = [2, 0, 2, 1]
     x = torch.randn(4, 5, in_f, dtype=torch.float64).float().requires_grad_()
-    with route(q, experts):
-        y = q(x)
-    g = torch.randn_like(y)
-    grads = torch.autograd.grad(y, [x] + leaves(q), g)
+    a = explicit_codes_weight(q)
 
-    ref_leaves = [t.detach().double().requires_grad_() for t in [x] + leaves(q)]
-    xs, s_in, s_out = ref_leaves[:3]
-    ys = []
-    for i, e in enumerate(experts):
-        layer = q
-        w = reference_weight(type("L", (), dict(weight_shape=layer.weight_shape, bits=layer.bits, qweight=layer.qweight,
-                                                 zero=layer.zero, group_size=layer.group_size,
-                                                 group_scale=layer.group_scale, s_out=s_out, s_in=s_in))(), e)
-        ys.append(F.linear(xs[i], w, ref_leaves[3] if bias else None))
-    y_ref = torch.stack(ys)
-    grads_ref = torch.autograd.grad(y_ref, ref_leaves, g.double())
-    torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-5)
-    for a, b in zip(grads, grads_ref):
-        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
+    def reference(x, s_in, s_out, *bias_ref):
+        return torch.stack([F.linear(x[i], scaled_weight(a, s_out[e], s_in[e]), *bias_ref)
+                            for i, e in enumerate(experts)])
+
+    got, want = against_reference(q, experts, x, reference, leaves(q))
+    assert_close_each(got, want, [(1e-5, 1e-5)] + [(1e-4, 1e-5)] * (len(got) - 1))
 
 
 @pytest.mark.parametrize("groups,group_size", [(1, 32), (1, 20), (2, 8)])
@@ -94,20 +72,14 @@ def test_grouped_conv_forward_and_all_gradients_match_autograd_on_dequantized_we
     randomize_scales(q, group_size)
     experts = [1, 0]
     x = torch.randn(2, 6, 7, 7).requires_grad_()
-    with route(q, experts):
-        y = q(x)
-    g = torch.randn_like(y)
-    grads = torch.autograd.grad(y, [x, q.s_in, q.s_out], g)
-    ref_leaves = [t.detach().double().requires_grad_() for t in (x, q.s_in, q.s_out)]
-    stand_in = type("L", (), dict(weight_shape=q.weight_shape, bits=q.bits, qweight=q.qweight, zero=q.zero,
-                                  group_size=q.group_size, group_scale=q.group_scale, groups=q.groups,
-                                  s_out=ref_leaves[2], s_in=ref_leaves[1]))()
-    y_ref = torch.cat([F.conv2d(ref_leaves[0][i:i + 1], reference_weight(stand_in, e), q.bias.double(), 1, 1, 1, groups)
-                       for i, e in enumerate(experts)])
-    grads_ref = torch.autograd.grad(y_ref, ref_leaves, g.double())
-    torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-5)
-    for a, b in zip(grads, grads_ref):
-        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
+    a = explicit_codes_weight(q)
+
+    def reference(x, s_in, s_out):
+        return torch.cat([F.conv2d(x[i:i + 1], scaled_weight(a, s_out[e], s_in[e], groups), q.bias.double(),
+                                   1, 1, 1, groups) for i, e in enumerate(experts)])
+
+    got, want = against_reference(q, experts, x, reference, [q.s_in, q.s_out])
+    assert_close_each(got, want, [(1e-5, 1e-5)] + [(1e-4, 1e-5)] * 3)
 
 
 def test_dequantize_and_integer_weight_agree_with_the_explicit_group_form():

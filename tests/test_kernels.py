@@ -25,10 +25,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
 
-def make_case(bits, n, k, experts=3, seed=0):
+def make_case(bits, n, k, experts=3, seed=0, group_size=0):
     g = torch.Generator().manual_seed(seed)
-    qw = quantize_weight(torch.randn(n, k, generator=g), bits)
-    weight = PackedWeight(qw.packed, qw.zero, bits, (n, k))
+    qw = quantize_weight(torch.randn(n, k, generator=g), bits, group_size)
+    weight = PackedWeight(qw.packed, qw.zero, bits, (n, k), qw.group_scale, group_size)
     s_in = 1 + 0.3 * torch.randn(experts, k, generator=g)
     s_out = qw.scale[None] * (1 + 0.3 * torch.randn(experts, n, generator=g))
     bias = torch.randn(n, generator=g)
@@ -62,6 +62,25 @@ def check_against_reference(got, ref, dtype):
         assert rel_err(a, r) < TOL[dtype], (name, rel_err(a, r))
 
 
+def check_linear(x, s_in, s_out, bias, experts, weight, g, **kw):
+    """One call with `kw` (a backend, or the kernel itself with forced blocks) against the torch path
+    multiplying the same (rounded) activation in float64."""
+    got = run_linear(x, s_in, s_out, bias, experts, weight, g, **kw)
+    ref = run_linear(x.double(), s_in.double(), s_out.double(), None if bias is None else bias.double(), experts,
+                     weight, g.double(), backend="torch")
+    check_against_reference(got, ref, x.dtype)
+    return got
+
+
+def check_conv(x, s_in, s_out, bias, experts, weight, geo):
+    """The conv's Triton path (the dequantize kernel feeding the vendor convolution) against its torch path."""
+    g = torch.randn_like(separable_conv2d(x, s_in, s_out, bias, experts, weight, geo, backend="torch"))
+    got = run_linear(x, s_in, s_out, bias, experts, weight, g, fn=separable_conv2d, geo=geo, backend="triton")
+    ref = run_linear(x, s_in, s_out, bias, experts, weight, g, fn=separable_conv2d, geo=geo, backend="torch")
+    for a, r in zip(got, ref):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("bias", [True, False])
@@ -71,11 +90,7 @@ def test_fused_linear_forward_and_backward_match_torch_reference(bits, dtype, bi
     experts = torch.tensor([2, 0, 2, 1])  # mixed experts in one batch, expert 2 twice
     x = torch.randn(4, 5, k).to(dtype)
     g = torch.randn(4, 5, n)
-    got = run_linear(x, s_in, s_out, b if bias else None, experts, weight, g, backend="triton")
-    # The reference multiplies the same (rounded) activation in float64.
-    ref = run_linear(x.double(), s_in.double(), s_out.double(), b.double() if bias else None, experts, weight,
-                     g.double(), backend="torch")
-    check_against_reference(got, ref, dtype)
+    check_linear(x, s_in, s_out, b if bias else None, experts, weight, g, backend="triton")
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -88,10 +103,7 @@ def test_fused_linear_crosses_block_boundaries_in_every_dimension(bits):
     x = torch.randn(3, 7, k)
     g = torch.randn(3, 7, n)
     blocks = {"BLOCK_M": 8, "BLOCK_N": 16, "BLOCK_K": 16}
-    got = run_linear(x, s_in, s_out, b, experts, weight, g, fn=kernels.separable_linear, blocks=blocks)
-    ref = run_linear(x.double(), s_in.double(), s_out.double(), b.double(), experts, weight, g.double(),
-                     backend="torch")
-    check_against_reference(got, ref, torch.float32)
+    got = check_linear(x, s_in, s_out, b, experts, weight, g, fn=kernels.separable_linear, blocks=blocks)
     # Experts no row used get exactly zero scale gradient.
     for e in (0, 2):
         assert torch.count_nonzero(got[2][e]) == 0 and torch.count_nonzero(got[3][e]) == 0
@@ -104,10 +116,7 @@ def test_fused_linear_bf16_activations_and_2d_input():
     experts = torch.tensor([1, 0, 0, 1, 1])
     x = torch.randn(5, k).to(torch.bfloat16)
     g = torch.randn(5, n)
-    got = run_linear(x, s_in, s_out, b, experts, weight, g, backend="triton")
-    ref = run_linear(x.double(), s_in.double(), s_out.double(), b.double(), experts, weight, g.double(),
-                     backend="torch")
-    check_against_reference(got, ref, torch.bfloat16)
+    check_linear(x, s_in, s_out, b, experts, weight, g, backend="triton")
 
 
 def test_fused_linear_only_the_needed_gradients():
@@ -162,51 +171,31 @@ def test_conv_triton_path_matches_torch_reference(bits, geo):
     b = torch.randn(c_out)
     ex = torch.tensor([1, 0, 1])
     x = torch.randn(3, c_in, 7, 6)
-    y0 = separable_conv2d(x, s_in, s_out, b, ex, weight, geo, backend="torch")
-    g = torch.randn_like(y0)
-    got = run_linear(x, s_in, s_out, b, ex, weight, g, fn=separable_conv2d, geo=geo, backend="triton")
-    ref = run_linear(x, s_in, s_out, b, ex, weight, g, fn=separable_conv2d, geo=geo, backend="torch")
-    for a, r in zip(got, ref):
-        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
+    check_conv(x, s_in, s_out, b, ex, weight, geo)
 
 
 # ---------------------------------------------------------------- group-wise base steps
-
-def make_grouped_case(bits, n, k, group_size, experts=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    qw = quantize_weight(torch.randn(n, k, generator=g), bits, group_size)
-    weight = PackedWeight(qw.packed, qw.zero, bits, (n, k), qw.group_scale, group_size)
-    s_in = 1 + 0.3 * torch.randn(experts, k, generator=g)
-    s_out = qw.scale[None] * (1 + 0.3 * torch.randn(experts, n, generator=g))
-    return weight, s_in, s_out, torch.randn(n, generator=g)
-
 
 @pytest.mark.parametrize("bits,group_size", [(4, 32), (4, 8), (8, 16), (3, 8)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_grouped_fused_linear_forward_and_backward_match_torch_reference(bits, group_size, dtype):
     n, k = 19, 45  # 45 = odd K (padding nibble at 4 bits) and no group size divides it: a shorter last group
-    weight, s_in, s_out, b = make_grouped_case(bits, n, k, group_size, seed=bits + group_size)
+    weight, s_in, s_out, b = make_case(bits, n, k, seed=bits + group_size, group_size=group_size)
     experts = torch.tensor([2, 0, 2, 1])
     x = torch.randn(4, 5, k).to(dtype)
     g = torch.randn(4, 5, n)
-    got = run_linear(x, s_in, s_out, b, experts, weight, g, backend="triton")
-    ref = run_linear(x.double(), s_in.double(), s_out.double(), b.double(), experts, weight, g.double(),
-                     backend="torch")
-    check_against_reference(got, ref, dtype)
+    check_linear(x, s_in, s_out, b, experts, weight, g, backend="triton")
 
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_grouped_fused_linear_crosses_block_boundaries(bits):
     # Blocks of 16 along K, groups of 8 (two per block) and 24 (groups straddle blocks).
     for group_size in (8, 24):
-        weight, s_in, s_out, b = make_grouped_case(bits, 23, 45, group_size, experts=4, seed=group_size)
+        weight, s_in, s_out, b = make_case(bits, 23, 45, experts=4, seed=group_size, group_size=group_size)
         experts = torch.tensor([3, 1, 3])
         x, g = torch.randn(3, 7, 45), torch.randn(3, 7, 23)
         blocks = {"BLOCK_M": 8, "BLOCK_N": 16, "BLOCK_K": 16}
-        got = run_linear(x, s_in, s_out, b, experts, weight, g, fn=kernels.separable_linear, blocks=blocks)
-        ref = run_linear(x.double(), s_in.double(), s_out.double(), b.double(), experts, weight, g.double(),
-                         backend="torch")
-        check_against_reference(got, ref, torch.float32)
+        check_linear(x, s_in, s_out, b, experts, weight, g, fn=kernels.separable_linear, blocks=blocks)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -233,11 +222,7 @@ def test_grouped_conv_triton_path_matches_torch_reference():
     s_in = 1 + 0.3 * torch.randn(2, 6)
     s_out = qw.scale[None] * (1 + 0.3 * torch.randn(2, 10))
     b, ex, x = torch.randn(10), torch.tensor([1, 0]), torch.randn(2, 6, 5, 6)
-    g = torch.randn_like(separable_conv2d(x, s_in, s_out, b, ex, weight, geo, backend="torch"))
-    got = run_linear(x, s_in, s_out, b, ex, weight, g, fn=separable_conv2d, geo=geo, backend="triton")
-    ref = run_linear(x, s_in, s_out, b, ex, weight, g, fn=separable_conv2d, geo=geo, backend="torch")
-    for a, r in zip(got, ref):
-        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
+    check_conv(x, s_in, s_out, b, ex, weight, geo)
 
 
 # ---------------------------------------------------------------- the dispatcher

@@ -8,19 +8,32 @@ from tuneqdm_core import QuantConv2d, QuantLinear, RoutingError, TuneQDMConfig, 
 from tuneqdm_core.quant import integer_weight
 
 
-def reference_weight(layer, e):
-    """diag(s_out[e]) (Q - z) diag(s_in[e]) built explicitly, in float64."""
-    a = integer_weight(layer.qweight, layer.zero, layer.bits, layer.weight_shape, torch.float64, layer.group_scale,
-                       layer.group_size)
-    s_out = layer.s_out[e].double()
-    s_in = layer.s_in[e].double()
+def scaled_weight(a, s_out, s_in, groups=1):
+    """diag(s_out) A diag(s_in) for one expert's scale rows: A (out, in) of a Linear, or (out, in/groups,
+    kh, kw) of a Conv2d, whose input channels s_in follows group by group."""
     if a.ndim == 2:
         return s_out[:, None] * a * s_in[None, :]
-    g = layer.groups
-    s_in_g = s_in.reshape(g, -1)  # input channels of each group
-    out_per_group = a.shape[0] // g
-    s_in_rows = s_in_g.repeat_interleave(out_per_group, dim=0)  # (out, in/groups)
+    s_in_rows = s_in.reshape(groups, -1).repeat_interleave(a.shape[0] // groups, dim=0)  # (out, in/groups)
     return s_out[:, None, None, None] * a * s_in_rows[:, :, None, None]
+
+
+def against_reference(q, experts, x, reference, params):
+    """q(x) routed to `experts` and its gradients over x and `params` under one random output gradient,
+    and the same of reference(x, *params) built on float64 leaf copies: (got, want), each (y, *grads)."""
+    with route(q, experts):
+        y = q(x)
+    g = torch.randn_like(y)
+    got = (y, *torch.autograd.grad(y, [x, *params], g))
+    leaves = [t.detach().double().requires_grad_() for t in (x, *params)]
+    y_ref = reference(*leaves)
+    return got, (y_ref, *torch.autograd.grad(y_ref, leaves, g.double()))
+
+
+def assert_close_each(got, want, tolerances):
+    """got[i] (in float64) against want[i], each within its (rtol, atol)."""
+    assert len(got) == len(want) == len(tolerances)
+    for a, b, (rtol, atol) in zip(got, want, tolerances):
+        torch.testing.assert_close(a.double(), b, rtol=rtol, atol=atol)
 
 
 def randomize_scales(layer, seed):
@@ -58,26 +71,15 @@ def test_linear_forward_and_gradients_match_dequantized_reference(bits, bias):
     q = make_linear(bits, experts=3, bias=bias, seed=bits)
     experts = [2, 0, 2, 1]
     x = torch.randn(4, 5, q.in_features, dtype=torch.float64).float().requires_grad_()
-    with route(q, experts):
-        y = q(x)
-    g = torch.randn_like(y)
-    (y * g).sum().backward()
-
-    x_ref = x.detach().double().requires_grad_()
-    s_out = q.s_out.detach().double().requires_grad_()
-    s_in = q.s_in.detach().double().requires_grad_()
     a = integer_weight(q.qweight, q.zero, q.bits, q.weight_shape, torch.float64)
-    rows = []
-    for b, e in enumerate(experts):
-        w = s_out[e][:, None] * a * s_in[e][None, :]
-        rows.append(F.linear(x_ref[b], w, q.bias.double() if bias else None))
-    y_ref = torch.stack(rows)
-    (y_ref * g.double()).sum().backward()
+    bias_ref = q.bias.double() if bias else None
 
-    torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(x.grad.double(), x_ref.grad, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(q.s_out.grad.double(), s_out.grad, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(q.s_in.grad.double(), s_in.grad, rtol=1e-4, atol=1e-5)
+    def reference(x, s_in, s_out):
+        return torch.stack([F.linear(x[b], scaled_weight(a, s_out[e], s_in[e]), bias_ref)
+                            for b, e in enumerate(experts)])
+
+    got, want = against_reference(q, experts, x, reference, [q.s_in, q.s_out])
+    assert_close_each(got, want, [(1e-5, 1e-6), (1e-5, 1e-6), (1e-4, 1e-5), (1e-4, 1e-4)])
 
 
 @pytest.mark.parametrize("kw", [
@@ -93,32 +95,22 @@ def test_conv2d_forward_and_gradients_match_dequantized_reference(kw, bias):
     q = make_conv(4, experts=2, bias=bias, seed=1, **kw)
     experts = [1, 0, 1]
     x = torch.randn(3, 6, 9, 8).requires_grad_()
-    with route(q, experts):
-        y = q(x)
-    g = torch.randn_like(y)
-    (y * g).sum().backward()
-
-    x_ref = x.detach().double().requires_grad_()
-    s_out = q.s_out.detach().double().requires_grad_()
-    s_in = q.s_in.detach().double().requires_grad_()
     a = integer_weight(q.qweight, q.zero, q.bits, q.weight_shape, torch.float64)
-    outs = []
-    for b, e in enumerate(experts):
-        s_in_rows = s_in[e].reshape(q.groups, -1).repeat_interleave(a.shape[0] // q.groups, dim=0)
-        w = s_out[e][:, None, None, None] * a * s_in_rows[:, :, None, None]
-        xb = x_ref[b:b + 1]
-        pad = q.padding
-        if q.padding_mode != "zeros":
-            xb = F.pad(xb, (pad[1], pad[1], pad[0], pad[0]), mode=q.padding_mode)
-            pad = (0, 0)
-        outs.append(F.conv2d(xb, w, q.bias.double() if bias else None, q.stride, pad, q.dilation, q.groups))
-    y_ref = torch.cat(outs)
-    (y_ref * g.double()).sum().backward()
+    bias_ref = q.bias.double() if bias else None
 
-    torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(x.grad.double(), x_ref.grad, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(q.s_out.grad.double(), s_out.grad, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(q.s_in.grad.double(), s_in.grad, rtol=1e-4, atol=1e-5)
+    def reference(x, s_in, s_out):
+        outs = []
+        for b, e in enumerate(experts):
+            xb, pad = x[b:b + 1], q.padding
+            if q.padding_mode != "zeros":
+                xb = F.pad(xb, (pad[1], pad[1], pad[0], pad[0]), mode=q.padding_mode)
+                pad = (0, 0)
+            w = scaled_weight(a, s_out[e], s_in[e], q.groups)
+            outs.append(F.conv2d(xb, w, bias_ref, q.stride, pad, q.dilation, q.groups))
+        return torch.cat(outs)
+
+    got, want = against_reference(q, experts, x, reference, [q.s_in, q.s_out])
+    assert_close_each(got, want, [(1e-5, 1e-5), (1e-5, 1e-5), (1e-4, 1e-5), (1e-4, 1e-4)])
 
 
 def test_unused_experts_get_exactly_zero_gradient():

@@ -28,6 +28,20 @@ def test_the_error_is_the_output_minus_the_prediction_target(prediction):
     torch.testing.assert_close(s.calculate_denoised(sigma, s.target(x0, noise, sigma), xt), x0, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_the_network_input_and_target_are_the_variance_preserving_ones_of_alphas_cumprod(prediction):
+    s = schedule(prediction)
+    g = torch.Generator().manual_seed(3)
+    x0, noise = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g)
+    t = torch.tensor([40.0, 870.0])
+    a = ALPHAS[t.long()].reshape(-1, 1, 1, 1)
+    sigma = s.sigma(t)
+    xt = s.calculate_input(sigma, s.noise_scaling(sigma, noise, x0))
+    torch.testing.assert_close(xt, a.sqrt() * x0 + (1 - a).sqrt() * noise, rtol=1e-4, atol=1e-5)
+    expected = noise if prediction == "eps" else a.sqrt() * noise - (1 - a).sqrt() * x0
+    torch.testing.assert_close(s.target(x0, noise, sigma), expected, rtol=1e-4, atol=1e-5)
+
+
 def test_the_loss_is_the_per_sample_mean_error_of_the_denoiser():
     s = schedule("eps")
     g = torch.Generator().manual_seed(1)
@@ -65,6 +79,7 @@ def test_comfyui_model_sampling_is_a_schedule_that_agrees_with_the_plain_one(mod
     x0, noise, output = (torch.randn(3, 4, 6, 6, generator=g) for _ in range(3))
     xt = ms.noise_scaling(sigma, noise, x0)
     torch.testing.assert_close(xt, plain.noise_scaling(sigma, noise, x0))
+    torch.testing.assert_close(ms.calculate_input(sigma, xt), plain.calculate_input(sigma, xt))
     denoised = ms.calculate_denoised(sigma, output, xt)
     torch.testing.assert_close(denoised, plain.calculate_denoised(sigma, output, xt))
     torch.testing.assert_close(prediction_error(ms, sigma, xt, denoised, x0), output - plain.target(x0, noise, sigma),

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from tuneqdm_core import NUM_TRAIN_TIMESTEPS, RoutingError, RoutingPolicy, TuneQDMConfig, quantize_model
+from tuneqdm_core import (NUM_TRAIN_TIMESTEPS, RoutingError, RoutingPolicy, TuneQDMConfig, get_router,
+                          quantize_model)
 from tuneqdm_core.errors import SettingError
 from tuneqdm_core.model import model_config
 from tuneqdm_core.routing import expert_of_timestep, sample_timesteps
@@ -68,3 +69,13 @@ def test_the_model_keeps_its_config_and_requires_grad_does_not_change_it():
     model.requires_grad_(False)  # what other nodes do to a MODEL they run
     assert model_config(model) == config
     assert model_config(model).scales_mode == "TuneQDM"
+
+
+def test_a_forward_routed_by_timesteps_follows_the_models_policy():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    quantize_model(model, TuneQDMConfig(bits=8, experts=4, routing=RoutingPolicy(boundaries=(10.0, 20.0, 30.0))))
+    t = torch.tensor([5.0, 15.0, 25.0, 500.0])
+    with get_router(model).route(t) as experts:
+        assert experts.tolist() == [0, 1, 2, 3]
+    with get_router(model).route(t, policy=RoutingPolicy()) as experts:
+        assert experts.tolist() == [0, 0, 0, 2]

@@ -7,11 +7,11 @@
   scales, biases, norms...) plus the layer specs, so the float model never has to be loaded again.
 
 Both carry metadata (format, version, the model's whole TuneQDMConfig as JSON, fingerprint of the
-quantized base model, layer names and shapes) and a sha256, so truncation and corruption are reported as such rather than
-surfacing as odd numbers. Version 2 hashes the metadata too (a changed layer list or bit width is
+quantized base model, layer names and shapes) and a sha256, so truncation and corruption are reported as
+such rather than surfacing as odd numbers. Version 2 hashes the metadata too (a changed layer list or bit width is
 corruption, not a different model); version 1 files, whose sha256 covers the tensors only, still load.
 Files written before the config was recorded (no `tuneqdm.config`) load with defaults for what they lack
-(`file_config`); the separate bits / experts / train_s_in entries stay, for the readers of those files.
+(`file_config`); the separate bits / experts / train_s_in entries stay, which older packs read.
 """
 from __future__ import annotations
 
@@ -147,7 +147,7 @@ def read_header(path: str | os.PathLike, expected_format: str,
         layers = json.loads(meta["tuneqdm.layers"])
         config = file_config(meta, layers if expected_format == MODEL_FORMAT else None, defaults)
         header = FileHeader(expected_format, meta["tuneqdm.version"], config, meta["tuneqdm.fingerprint"], layers, meta)
-    except (KeyError, ValueError, TypeError) as e:  # ValueError covers the config's SettingError and RoutingError
+    except (KeyError, ValueError, TypeError, FileFormatError) as e:  # ValueError: the config's SettingError, RoutingError
         raise FileFormatError(f"{path.name}: metadata incomplete or corrupted ({e})") from None
     return header, tensors
 
@@ -189,7 +189,8 @@ def _metadata(fmt: str, cfg: TuneQDMConfig, fp: str, layers: dict, tensors: dict
         "tuneqdm.format": fmt, "tuneqdm.bits": str(cfg.bits),
         "tuneqdm.version": _version(fmt, layers),
         "tuneqdm.experts": str(cfg.experts), "tuneqdm.train_s_in": "1" if cfg.train_s_in else "0",
-        CONFIG_KEY: json.dumps(cfg.to_json(), separators=(",", ":")), "tuneqdm.fingerprint": fp, "tuneqdm.layers": json.dumps(layers, separators=(",", ":")),
+        CONFIG_KEY: json.dumps(cfg.to_json(), separators=(",", ":")), "tuneqdm.fingerprint": fp,
+        "tuneqdm.layers": json.dumps(layers, separators=(",", ":")),
     })
     meta[SHA_KEY] = digest(tensors, meta)
     return meta

@@ -3,8 +3,8 @@
 Buffers (frozen): `qweight` packed integer codes, `zero` zero points, `base_scale` the step s0 per
 output channel, and, for group-wise layers (`group_size` > 0), `group_scale`: each group's step
 relative to s0 as a step code (quant.py; float16 in layers read from older files), with `zero` and
-`group_scale` then one code per group each, packed like the codes. Parameters: `s_out` (N, out) and `s_in` (N, in), one row per timestep expert, plus a frozen
-float `bias`. The dequantized weight of expert e is diag(s_out[e]) (Q - z) diag(s_in[e]), or
+`group_scale` then one cell per group each, packed like the codes (packing.py). Parameters: `s_out`
+(N, out) and `s_in` (N, in), one row per timestep expert, plus a frozen float `bias`. The dequantized weight of expert e is diag(s_out[e]) (Q - z) diag(s_in[e]), or
 diag(s_out[e]) (S * (Q - z)) diag(s_in[e]) group-wise; it is never built (see functional.py).
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from torch import nn
 from .adapters import Adapter, LowRank, apply_adapters
 from .errors import MissingScalesError, ModelMismatchError, RoutingError, SettingError, UnsupportedError
 from .functional import ConvGeometry, PackedWeight, separable_conv2d, separable_linear
-from .packing import check_bits, packed_width
+from .packing import check_bits, empty_group_cells, packed_width
 from .quant import QuantizedWeight, check_group_size, num_groups, quantize_weight
 from .routing import ExpertRouter
 
@@ -55,13 +55,8 @@ class QuantLayer(nn.Module):
         self.register_buffer(PLACEHOLDER, torch.empty(0, device=device))
         self.register_buffer("qweight", torch.zeros(out_channels, packed_width(k, bits), dtype=torch.uint8, device=device))
         if self.group_size:
-            groups = num_groups(k, self.group_size)
-            self.register_buffer("zero", torch.zeros(out_channels, packed_width(groups, bits), dtype=torch.uint8,
-                                                     device=device))
-            if step_codes:
-                steps = torch.zeros(out_channels, packed_width(groups, bits), dtype=torch.uint8, device=device)
-            else:  # the float16 relative steps of files written before step codes
-                steps = torch.ones(out_channels, groups, dtype=torch.float16, device=device)
+            zero, steps = empty_group_cells(out_channels, num_groups(k, self.group_size), bits, step_codes, device)
+            self.register_buffer("zero", zero)
             self.register_buffer("group_scale", steps)
         else:
             self.register_buffer("zero", torch.zeros(out_channels, dtype=torch.uint8, device=device))

@@ -153,7 +153,7 @@ def quantize_model(module: nn.Module, config: TuneQDMConfig, *, compute_device: 
         raise AlreadyQuantizedError("this model is already TuneQDM-quantized; quantize the float model instead")
     start = time.perf_counter()
     report = QuantReport(bytes_before=tensor_bytes(module))
-    router = ExpertRouter(config.experts)
+    router = ExpertRouter(config.experts, config.routing)
     generator = torch.Generator().manual_seed(config.seed)
     # Names, not modules: a materialised float layer must be freed as soon as it is swapped out.
     targets = []
@@ -271,7 +271,7 @@ def build_quantized_skeleton(module: nn.Module, layers: dict[str, dict], config:
     """Swap the named Linear/Conv2d layers of `module` (which may live on the meta device) for empty
     quantized layers, ready for `load_state_dict(assign=True)`; used to load a quantized file
     without ever materialising float weights."""
-    router = ExpertRouter(config.experts)
+    router = ExpertRouter(config.experts, config.routing)
     for name, spec in layers.items():
         try:
             existing = module.get_submodule(name)

@@ -121,6 +121,13 @@ class PredictionSchedule:
             return s * noise + (1.0 - s) * latent_image
         return noise * s + latent_image
 
+    def calculate_input(self, sigma: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
+        """What the network sees for x_t: eps and v, x_t at unit variance (sqrt(a) x0 + sqrt(1 - a) noise
+        for alphas_cumprod a); flow, x_t itself."""
+        if self.prediction == "flow":
+            return xt
+        return xt / (_per_sample(sigma, xt) ** 2 + self.sigma_data ** 2) ** 0.5
+
     def calculate_denoised(self, sigma: torch.Tensor, model_output: torch.Tensor,
                            model_input: torch.Tensor) -> torch.Tensor:
         s = _per_sample(sigma, model_output)

@@ -93,6 +93,17 @@ def group_steps(group_scale: torch.Tensor, bits: int, groups: int, dtype: torch.
     return unpack(group_scale, bits, groups).to(dtype) / step_levels(bits)
 
 
+def empty_group_cells(out: int, groups: int, bits: int, step_codes: bool = True, device=None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stored (zero points, group steps) of a group-wise weight with `out` channels of `groups` groups,
+    before they are filled: uint8 cells packed like the codes, or, without `step_codes`, the float16 S of
+    files written before step codes (ones: S = 1)."""
+    zero = torch.zeros(out, packed_width(groups, bits), dtype=torch.uint8, device=device)
+    if step_codes:
+        return zero, torch.zeros(out, packed_width(groups, bits), dtype=torch.uint8, device=device)
+    return zero, torch.ones(out, groups, dtype=torch.float16, device=device)
+
+
 def step_storage(group_scale: torch.Tensor | None) -> int:
     """PER_CHANNEL (no group steps), STEP_CODES (uint8 cells) or FLOAT16_STEPS (older files)."""
     if group_scale is None:

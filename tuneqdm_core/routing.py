@@ -159,13 +159,15 @@ class RoutingLog:
 class ExpertRouter:
     """Per-forward routing state of one quantized model.
 
-    `expert_index` holds one expert per sample of the current batch. `scales`, when set, replaces
+    `policy` is the model's routing policy (its TuneQDMConfig's), used when a forward is routed by
+    timesteps. `expert_index` holds one expert per sample of the current batch. `scales`, when set, replaces
     the layers' own scales for this forward (name -> (s_out, s_in)); that is how model clones that
     share modules still sample with their own scales without ever writing into the modules.
     """
 
-    def __init__(self, num_experts: int) -> None:
+    def __init__(self, num_experts: int, policy: RoutingPolicy | None = None) -> None:
         self.num_experts = num_experts
+        self.policy = policy or RoutingPolicy()
         self.expert_index: torch.Tensor | None = None
         self.scales: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None
         self.adapters: Mapping[str, tuple[Adapter, ...]] | None = None
@@ -175,14 +177,14 @@ class ExpertRouter:
               policy: RoutingPolicy | None = None,
               scales: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
               adapters: Mapping[str, tuple[Adapter, ...]] | None = None) -> Iterator[torch.Tensor | None]:
-        """Route one forward by timesteps (on the training range, through `policy`, default uniform
-        intervals) or by explicit expert indices, optionally with other scales and with adapters (layer
+        """Route one forward by timesteps (on the training range, through `policy`, default the model's)
+        or by explicit expert indices, optionally with other scales and with adapters (layer
         name -> adapters, see adapters.py); restores the previous state on exit so nested or failed calls
         leave nothing behind."""
         if timesteps is not None and experts is not None:
             raise SettingError("give timesteps or experts, not both")
         if timesteps is not None:
-            experts = (policy or RoutingPolicy()).experts(timesteps, self.num_experts)
+            experts = (policy or self.policy).experts(timesteps, self.num_experts)
         if experts is not None:
             experts = torch.as_tensor(experts).reshape(-1).long()
             if experts.numel() and (int(experts.min()) < 0 or int(experts.max()) >= self.num_experts):

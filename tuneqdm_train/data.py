@@ -79,16 +79,12 @@ def read_folder(folder: str | Path, caption: str | None) -> tuple[list[torch.Ten
 def encode_folder(folder: str | Path, caption: str | None, text: Callable[[str], list], vae: Any,
                   resolution: int) -> TrainingData:
     """Encode every image once (VAE) and every distinct caption once (text encoder)."""
-    import comfy.utils
     from tuneqdm_pack.nodes.dataset_inputs import images_to_batch
+    from tuneqdm_pack.nodes.training_data import square_resize
 
     images, captions = read_folder(folder, caption)
-
-    def resize(image: torch.Tensor) -> torch.Tensor:  # as the Train TuneQDM Scales node resizes
-        return comfy.utils.common_upscale(image.movedim(-1, 1), resolution, resolution, "bilinear", "center").movedim(1, -1)
-
     with torch.inference_mode(False), torch.no_grad():
-        latents = vae.encode(images_to_batch(images, str(folder), resize)).float().cpu()
+        latents = vae.encode(images_to_batch(images, str(folder), square_resize(resolution))).float().cpu()
         distinct = list(dict.fromkeys(captions))
         conds = []
         for c in distinct:
