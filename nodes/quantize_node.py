@@ -6,6 +6,7 @@ import logging
 from comfy_api.latest import io
 
 from ..tuneqdm_core import QuantReport, TuneQDMConfig
+from ..tuneqdm_core.errors import SettingError
 from .patcher import progress_callback, quantize_patcher
 
 CATEGORY = "TuneQDM"
@@ -50,7 +51,7 @@ def quantize_optional() -> list[io.Input]:
 def _check_option(name: str, value: str, options: tuple[str, ...]) -> str:
     """ComfyUI 0.3.x validates a V3 combo's value only by its type, so an API prompt can send any string."""
     if value not in options:
-        raise ValueError(f"{name} must be one of {', '.join(options)}, got {value!r}")
+        raise SettingError(f"{name} must be one of {', '.join(options)}, got {value!r}")
     return value
 
 
