@@ -4,9 +4,9 @@ import importlib.util
 
 # Inside ComfyUI `folder_paths` is always importable. Outside it (pytest imports a rootdir package's
 # __init__.py while collecting the tests) there is nothing to register, and the nodes must not load.
+# ComfyUI registers the nodes through comfy_entrypoint (V3); it would take a NODE_CLASS_MAPPINGS instead,
+# so the package defines none.
 if importlib.util.find_spec("folder_paths") is not None:
-    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
-else:
-    NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = {}, {}
+    from .nodes import comfy_entrypoint
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+    __all__ = ["comfy_entrypoint"]

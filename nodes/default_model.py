@@ -1,6 +1,6 @@
 """The embedded default in ComfyUI terms: its UNet as a ModelPatcher (an SD1.5-family BaseModel, so the
 stock samplers and every pack node treat it like any checkpoint), its MiniLM text encoder, and a VAE
-stand-in that is the fixed pixel codec of tuneqdm_core.digits.data (stock VAEEncode / VAEDecode call
+stand-in that is the fixed pixel codec of tuneqdm_demo.data (stock VAEEncode / VAEDecode call
 only `encode` and `decode`)."""
 from __future__ import annotations
 

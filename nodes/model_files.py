@@ -16,7 +16,7 @@ import torch
 
 from ..tuneqdm_core import FileFormatError, ModelMismatchError
 from ..tuneqdm_core.fileio import load_into_skeleton, read_quantized_model, save_quantized_model
-from .routing import ExpertRouting
+from .routing_wrapper import ExpertRouting
 from .patcher import APPLY_MODEL, WRAPPER_KEY
 
 META_CLASS = "comfy.model_config_class"

@@ -25,7 +25,7 @@ from torch import nn
 from ..tuneqdm_core import (QuantReport, TuneQDMConfig, is_quantized, own_tensors, quantize_model, structural_copy,
                             torch_layer_kind)
 from ..tuneqdm_core.errors import NotQuantizedError
-from .routing import WRAPPER_KEY, ExpertRouting
+from .routing_wrapper import WRAPPER_KEY, ExpertRouting
 
 
 APPLY_MODEL = comfy.patcher_extension.WrappersMP.APPLY_MODEL

@@ -21,7 +21,7 @@ from ..tuneqdm_core import FileFormatError, ModelMismatchError, QuantReport, Tun
 from ..tuneqdm_core.lazy_file import LazyFile, LazyTensor
 from ..tuneqdm_core.streaming import quantize_from_file
 from .patcher import APPLY_MODEL, WRAPPER_KEY, comfy_layer_kind
-from .routing import ExpertRouting
+from .routing_wrapper import ExpertRouting
 
 WEIGHT_DTYPES = {"default": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
                  "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}

@@ -97,8 +97,8 @@ def _load_scales_node(pack, model, path: Path):
     from tuneqdm_pack.nodes.file_nodes import LoadScales
 
     folder_paths.add_model_folder_path(folders.SCALES, str(path.parent))
-    out = LoadScales().load(model, path.name)
-    return out["result"][1], out["ui"]["text"][0]
+    out = LoadScales.execute(model, path.name)
+    return out.result[1], out.ui.as_dict()["text"][0]
 
 
 def test_two_gloo_ranks_at_batch_1_equal_one_process_at_batch_2_on_the_same_draws(pack, files):

@@ -1,15 +1,26 @@
-"""Scales and quantized-model files: round trips, atomic writes and every bad-file case."""
+"""Scales and quantized-model files: round trips, atomic writes, the config they record, older files and
+every bad-file case."""
 import copy
+import dataclasses
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from tuneqdm_core import (FileFormatError, ModelMismatchError, TuneQDMConfig, fingerprint, get_router,
-                          load_quantized_model, load_scales, quantize_model, save_quantized_model, save_scales,
-                          scales_of)
+from tuneqdm_core import (FileFormatError, ModelMismatchError, RoutingPolicy, TuneQDMConfig, fingerprint,
+                          get_router, load_quantized_model, load_scales, model_config, quantize_model,
+                          save_quantized_model, save_scales, scales_of)
+from tuneqdm_core.fileio import CONFIG_KEY, SCALES_FORMAT, SHA_KEY, digest, read_header, read_quantized_model
 from tuneqdm_core.scales import ScaleSet
+
+
+def read_scales_header(path, model):
+    return read_header(path, SCALES_FORMAT, defaults=model_config(model))
 
 
 class Tiny(nn.Module):
@@ -252,3 +263,112 @@ def test_names_up_to_the_file_system_limit_save_next_to_any_temporary_name(tmp_p
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
     with pytest.raises(ValueError, match="file name too long: 256 bytes"):
         save_scales(tmp_path / ("n" * 244 + ".safetensors"), scales_of(model), model)
+
+
+FULL_CONFIG = TuneQDMConfig(bits=4, experts=3, train_s_in=False, s_in_init="normal", s_in_sigma=0.02, seed=5,
+                            keep_float=("norm*",), group_size=0, minimize_error=False,
+                            routing=RoutingPolicy(boundaries=(200.0, 700.0)))
+
+
+def test_the_whole_config_is_saved_in_a_model_file_and_read_back(tmp_path):
+    torch.manual_seed(0)
+    model = Tiny()
+    quantize_model(model, FULL_CONFIG)
+    save_quantized_model(tmp_path / "m.safetensors", model)
+    header, _ = read_quantized_model(tmp_path / "m.safetensors")
+    assert header.config == FULL_CONFIG
+    with torch.device("meta"):
+        skeleton = Tiny()
+    loaded = load_quantized_model(tmp_path / "m.safetensors", skeleton)
+    assert model_config(loaded) == FULL_CONFIG
+    assert scales_of(loaded).policy == FULL_CONFIG.routing  # so training and sampling route as the model did
+
+
+def test_a_scales_file_records_the_routing_its_scales_were_trained_for(tmp_path):
+    model = quantized(experts=2)
+    policy = RoutingPolicy(boundaries=(830.0,))
+    trained = dataclasses.replace(perturbed_scales(model), policy=policy)
+    save_scales(tmp_path / "s.safetensors", trained, model)
+    header, _ = read_scales_header(tmp_path / "s.safetensors", model)
+    assert header.config == dataclasses.replace(model_config(model), routing=policy)
+    assert load_scales(tmp_path / "s.safetensors", model).policy == policy
+
+
+def test_scales_routed_by_a_policy_another_model_cannot_use_are_named(tmp_path):
+    model = quantized(experts=2)
+    trained = dataclasses.replace(scales_of(model), policy=RoutingPolicy(fixed_expert=3))
+    with pytest.raises(ModelMismatchError, match="fixed expert 3 does not exist"):
+        save_scales(tmp_path / "s.safetensors", trained, model)
+
+
+def test_files_without_a_recorded_config_load_with_defaults_for_what_they_lack(tmp_path):
+    """As written before the config was recorded: bits, experts and train_s_in only."""
+    torch.manual_seed(0)
+    model = Tiny()
+    quantize_model(model, TuneQDMConfig(bits=8, experts=2, train_s_in=False, group_size=0, s_in_init="normal",
+                                        routing=RoutingPolicy(boundaries=(500.0,))))
+    save_quantized_model(tmp_path / "m.safetensors", model)
+    save_scales(tmp_path / "s.safetensors", scales_of(model), model)
+    for path in (tmp_path / "m.safetensors", tmp_path / "s.safetensors"):
+        meta, tensors = rewrite_metadata(path)
+        del meta[CONFIG_KEY]
+        meta[SHA_KEY] = digest(tensors, meta)
+        save_file(tensors, str(path), metadata=meta)
+    with torch.device("meta"):
+        skeleton = Tiny()
+    loaded = load_quantized_model(tmp_path / "m.safetensors", skeleton)
+    assert model_config(loaded) == TuneQDMConfig(bits=8, experts=2, train_s_in=False, group_size=0)
+    assert load_scales(tmp_path / "s.safetensors", model).policy == RoutingPolicy()
+
+
+OLD_WRITER = textwrap.dedent("""
+    import sys, torch
+    from torch import nn
+    sys.path.insert(0, sys.argv[1])
+    from tuneqdm_core import TuneQDMConfig, quantize_model
+    from tuneqdm_core.fileio import save_quantized_model, save_scales
+    from tuneqdm_core.scales import ScaleSet, scales_of
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Flatten(1), nn.Linear(8 * 4 * 4, 5))
+    quantize_model(m, TuneQDMConfig(bits=4, experts=2, train_s_in=False))
+    s = scales_of(m)
+    g = torch.Generator().manual_seed(1)
+    s = ScaleSet({k: (o * (1 + 0.05 * torch.randn(o.shape, generator=g)), i) for k, (o, i) in s.tensors.items()},
+                 s.bits, s.experts, s.fingerprint)
+    out = sys.argv[2]
+    save_quantized_model(out + "/old_model.safetensors", m)
+    save_scales(out + "/old_scales.safetensors", s, m)
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), m.tuneqdm_router.route(experts=torch.tensor([1, 0]), scales=s.tensors):
+        torch.save({"x": x, "y": m(x)}, out + "/old_io.pt")
+""")
+
+
+def test_files_written_by_the_pack_before_it_recorded_the_config_still_load(tmp_path):
+    """The pack of the commit before `tuneqdm.config` entered fileio.py writes a model and a scales file; this
+    checkout loads both, fills what they did not record with defaults, and computes the same outputs."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        rev = subprocess.run(["git", "-C", str(root), "log", "--format=%H", "-S", CONFIG_KEY, "--reverse", "--",
+                              "tuneqdm_core/fileio.py"], capture_output=True, text=True, check=True).stdout.split()
+        if not rev:
+            pytest.skip(f"no commit in this history adds {CONFIG_KEY}: nothing older to compare with")
+        archive = subprocess.run(["git", "-C", str(root), "archive", f"{rev[0]}~1", "tuneqdm_core"],
+                                 capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        pytest.skip(f"no git history to take the old pack from: {e}")
+    old_src = tmp_path / "old"
+    old_src.mkdir()
+    subprocess.run(["tar", "-x", "-C", str(old_src)], input=archive, check=True)
+    subprocess.run([sys.executable, "-c", OLD_WRITER, str(old_src), str(tmp_path)], check=True, timeout=300)
+    header, _ = read_quantized_model(tmp_path / "old_model.safetensors")
+    assert CONFIG_KEY not in header.metadata
+    with torch.device("meta"):
+        skeleton = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Flatten(1), nn.Linear(8 * 4 * 4, 5))
+    loaded = load_quantized_model(tmp_path / "old_model.safetensors", skeleton)
+    assert model_config(loaded) == TuneQDMConfig(bits=4, experts=2, train_s_in=False)
+    scales = load_scales(tmp_path / "old_scales.safetensors", loaded)
+    assert scales.policy == RoutingPolicy()
+    io = torch.load(tmp_path / "old_io.pt")
+    with torch.no_grad(), get_router(loaded).route(experts=torch.tensor([1, 0]), scales=scales.tensors):
+        torch.testing.assert_close(loaded(io["x"]), io["y"], rtol=1e-3, atol=1e-5)  # scales stored as fp16 offsets

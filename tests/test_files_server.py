@@ -32,7 +32,7 @@ def saved_name(entry: dict, save) -> str:
 
 
 def dropdown(server, node: str, field: str) -> list[str]:
-    return server.object_info()[node]["input"]["required"][field][0]
+    return server.object_info()[node]["input"]["required"][field][1]["options"]
 
 
 def find(server, relname: str):

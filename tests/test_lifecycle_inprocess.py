@@ -99,7 +99,7 @@ def test_every_native_schedule_spans_the_expert_scale_and_inverts(pack, model_ty
     sigma_of_timestep inverts the routing's schedule_timestep."""
     import comfy.model_base
     import comfy.supported_models
-    from tuneqdm_pack.nodes.routing import schedule_timestep, sigma_of_timestep
+    from tuneqdm_pack.nodes.model_schedule import schedule_timestep, sigma_of_timestep
 
     config = comfy.supported_models.SD15({})
     ms = comfy.model_base.model_sampling(config, comfy.model_base.ModelType[model_type])
@@ -131,3 +131,32 @@ def test_a_patch_a_quantized_layer_cannot_take_is_an_error_naming_its_key(pack):
     diff.add_patches({key: (torch.ones(4, 32, 3, 3),)}, strength_patch=0.5)
     (adapter,) = adapters_for(diff, dm, torch.device("cpu"), torch.float32)["out.2"]
     torch.testing.assert_close(adapter.delta(), torch.full((4, 32, 3, 3), 0.5))
+
+
+def test_the_sampling_wrapper_routes_by_the_models_policy_unless_scales_bring_their_own(pack):
+    """A MODEL quantized with custom boundaries routes every call by them; scales loaded or trained with
+    another policy route by theirs."""
+    import dataclasses
+
+    from tuneqdm_pack.nodes.default_model import load_model
+    from tuneqdm_pack.nodes.model_schedule import sigma_of_timestep
+    from tuneqdm_pack.nodes.patcher import quantize_patcher, routing_of
+    from tuneqdm_pack.tuneqdm_core import RoutingPolicy, TuneQDMConfig, get_router, scales_of
+
+    policy = RoutingPolicy(boundaries=(100.0, 200.0, 300.0))
+    model, _ = quantize_patcher(load_model(), TuneQDMConfig(bits=8, experts=4, routing=policy))
+    base = model.model
+    router = get_router(base.diffusion_model)
+
+    class Executor:  # stands for the model call the APPLY_MODEL wrapper wraps
+        class_obj = base
+
+        def __call__(self, x, t):
+            return router.expert_index.clone()
+
+    sigma = sigma_of_timestep(base.model_sampling, torch.tensor([50.0, 150.0, 250.0, 800.0]))
+    x = torch.zeros(4, 1)
+    assert routing_of(model)(Executor(), x, sigma).tolist() == [0, 1, 2, 3]
+    scales = dataclasses.replace(scales_of(base.diffusion_model), policy=RoutingPolicy())
+    uniform = routing_of(model).with_changes(scales=scales, policy=scales.policy)
+    assert uniform(Executor(), x, sigma).tolist() == [0, 0, 1, 3]

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from tuneqdm_core import TuneQDMConfig, quantize_model, scales_of
+from tuneqdm_core import NUM_TRAIN_TIMESTEPS, RoutingPolicy, TuneQDMConfig, get_router, quantize_model, scales_of
 from tuneqdm_core.train import NonFiniteLossError, SampleSet, TrainConfig, train_scales
 
 
@@ -19,12 +19,12 @@ class TinyDenoiser(nn.Module):
         self.out = nn.Conv2d(ch, 3, 3, padding=1)
 
     def forward(self, x, t):
-        h = self.blocks[0](x) + self.t_embed(t[:, None] / 1000.0)[:, :, None, None]
+        h = self.blocks[0](x) + self.t_embed(t[:, None] / NUM_TRAIN_TIMESTEPS)[:, :, None, None]
         h = self.blocks[1](torch.nn.functional.silu(h))
         return self.out(torch.nn.functional.silu(h))
 
 
-ALPHAS = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000), 0)
+ALPHAS = torch.cumprod(1 - torch.linspace(1e-4, 0.02, NUM_TRAIN_TIMESTEPS), 0)
 
 
 def make_loss(model, noise_seed=None):
@@ -214,3 +214,43 @@ def test_resume_takes_the_remaining_steps_from_the_given_scales():
     assert not torch.equal(resumed.scales.tensors[k][0], first.scales.tensors[k][0])
     with pytest.raises(ValueError, match="more than the 10 already done"):
         train_scales(model, resumed.scales, data, make_loss(model), TrainConfig(steps=10), start_step=10)
+
+
+def test_requires_grad_false_on_the_model_does_not_change_what_training_trains():
+    """Other nodes call requires_grad_(False) on the MODEL they run: s_in still trains on a TuneQDM model, and
+    still stays frozen on a PEQA one, whatever the layers' flags say."""
+    image = torch.randn(1, 3, 8, 8)
+    for config, s_in_moves in ((TuneQDMConfig(bits=4, experts=2), True), (TuneQDMConfig.peqa(bits=4), False)):
+        model = quantized_denoiser(config)
+        model.requires_grad_(False if s_in_moves else True)
+        start = scales_of(model)
+        result = train_scales(model, start, [SampleSet(image, cond=0)], make_loss(model),
+                              TrainConfig(steps=2, lr_s_out=1e-3, lr_s_in=1e-2, checkpointing=False))
+        moved = any(not torch.equal(s_in, start.tensors[k][1]) for k, (_, s_in) in result.scales.tensors.items())
+        assert moved == s_in_moves, config
+
+
+@pytest.mark.parametrize("policy", [RoutingPolicy(boundaries=(100.0, 200.0, 900.0)), RoutingPolicy(fixed_expert=2)],
+                         ids=["custom-boundaries", "fixed-expert"])
+def test_each_sample_trains_the_expert_the_models_policy_picks(policy):
+    model = quantized_denoiser(TuneQDMConfig(bits=8, experts=4, routing=policy))
+    router, seen = get_router(model), []
+    base = make_loss(model)
+
+    def loss_fn(x0, t, cond):
+        seen.append((t.clone(), router.expert_index.clone()))
+        return base(x0, t, cond)
+
+    start = scales_of(model)
+    assert start.policy == policy
+    result = train_scales(model, start, [SampleSet(torch.randn(2, 3, 8, 8), cond=0)], loss_fn,
+                          TrainConfig(steps=12, batch_size=2, lr_s_out=1e-3, lr_s_in=1e-2, checkpointing=False))
+    t = torch.cat([ts for ts, _ in seen])
+    routed = torch.cat([e for _, e in seen])
+    assert torch.equal(routed, policy.experts(t, 4))
+    assert result.scales.policy == policy
+    untouched = set(range(4)) - set(routed.tolist())
+    assert untouched  # both policies leave an expert without samples here: it must not move
+    for k, (s_out, _) in result.scales.tensors.items():
+        for e in untouched:
+            assert torch.equal(s_out[e], start.tensors[k][0][e]), (k, e)

@@ -38,6 +38,7 @@ from tuneqdm_core.config import TuneQDMConfig
 from tuneqdm_core.layers import QuantLayer
 from tuneqdm_core.model import get_router, quantize_model, tensor_bytes
 from tuneqdm_core.optim import ExpertAdamW
+from tuneqdm_core.routing import NUM_TRAIN_TIMESTEPS
 from tuneqdm_core.quant import quantize_weight, unpack
 from tuneqdm_demo.model import reset_parameters
 from tuneqdm_fixtures.paths import checkout, subprocess_env
@@ -47,7 +48,6 @@ from .comfy_unet import ATTENTION, count_layers, run, sd15_unet, unet_config
 VARIANTS = ("fp32-full", "reference", "w8", "w4")
 EXPERTS = 4
 LR, WEIGHT_DECAY = 3e-6, 1e-2
-NUM_TIMESTEPS = 1000
 RESULT_TAG = "TUNEQDM_BENCH_RESULT "
 # Peak measures, the first is the one the targets are judged on. CPU: peak RSS above the RSS right after the
 # imports (the analogue of torch.cuda.max_memory_allocated, which leaves out the runtime), and peak RSS.
@@ -71,7 +71,7 @@ class RefRouter:
 
     @contextlib.contextmanager
     def route(self, t: torch.Tensor) -> Iterator[None]:
-        self.expert = min(int(t[0]) * self.experts // NUM_TIMESTEPS, self.experts - 1)
+        self.expert = min(int(t[0]) * self.experts // NUM_TRAIN_TIMESTEPS, self.experts - 1)
         yield None
 
 
@@ -244,7 +244,7 @@ def run_one(variant: str, latent: int, checkpointing: bool, tiny: bool = False, 
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(1, model.in_channels, latent, latent, generator=gen).to(dev)
     target = torch.randn(x.shape, generator=gen).to(dev)
-    t = torch.randint(0, NUM_TIMESTEPS, (1,), generator=gen).to(dev)
+    t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (1,), generator=gen).to(dev)
     context = torch.randn(1, 77, unet_config(tiny)["context_dim"], generator=gen).to(dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)

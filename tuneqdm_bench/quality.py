@@ -25,6 +25,7 @@ from torch import nn
 
 from tuneqdm_core.config import TuneQDMConfig
 from tuneqdm_core.model import quantize_model, tensor_bytes
+from tuneqdm_core.routing import NUM_TRAIN_TIMESTEPS
 from tuneqdm_core.scales import scales_of
 from tuneqdm_core.train import SampleSet, TrainConfig, train_scales
 from tuneqdm_demo import data
@@ -112,7 +113,7 @@ class Bench:
         gen = torch.Generator().manual_seed(seed + 1)
         for _ in range(a.steps):
             idx = torch.randint(len(self.subject_latents), (a.batch,), generator=gen)
-            t = torch.rand(a.batch, generator=gen) * 1000
+            t = torch.rand(a.batch, generator=gen) * NUM_TRAIN_TIMESTEPS
             loss = loss_fn(self.subject_latents[idx], t, 0).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -18,6 +18,7 @@ import torch
 
 from tuneqdm_core.config import TuneQDMConfig
 from tuneqdm_core.model import quantize_model, tensor_bytes
+from tuneqdm_core.routing import NUM_TRAIN_TIMESTEPS
 from tuneqdm_core.scales import scales_of
 from tuneqdm_core.train import SampleSet, TrainConfig, train_scales
 from tuneqdm_fixtures.paths import checkout, subprocess_env
@@ -30,7 +31,7 @@ CONFIGS = {"w4": TuneQDMConfig(bits=4, experts=4), "w8": TuneQDMConfig(bits=8, e
 VARIANTS = ("fp32-full", *CONFIGS)
 TAG = "TUNEQDM_TRAIN_RESULT "
 # SD1.x's training schedule: scaled-linear betas 0.00085..0.012 over 1000 steps.
-ALPHAS = torch.cumprod(1 - torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2, 0)
+ALPHAS = torch.cumprod(1 - torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, NUM_TRAIN_TIMESTEPS) ** 2, 0)
 
 
 def run_scales(variant: str, latent: int, checkpointing: bool, tiny: bool) -> dict:

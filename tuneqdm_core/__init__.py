@@ -10,7 +10,8 @@ from .model import (QuantReport, fingerprint, get_router, is_quantized, model_co
                     torch_layer_kind)
 from .optim import ExpertAdamW
 from .quant import QuantizedWeight, dequantize, pack, quantize_weight, unpack
-from .routing import ExpertRouter, expert_of_timestep, uniform_boundaries
+from .routing import (NUM_TRAIN_TIMESTEPS, ExpertRouter, RoutingLog, RoutingPolicy, expert_of_timestep,
+                      uniform_boundaries)
 from .scales import ScaleSet, check_compatible, scales_of, trainable
 
 __all__ = [
@@ -19,6 +20,6 @@ __all__ = [
     "QuantConv2d", "QuantLayer", "QuantLinear", "QuantReport", "fingerprint", "get_router", "is_quantized",
     "model_config", "own_tensors", "quantize_model", "quantized_layers", "structural_copy", "tensor_bytes",
     "torch_layer_kind", "ExpertAdamW",
-    "QuantizedWeight", "dequantize", "pack", "quantize_weight", "unpack", "ExpertRouter",
-    "expert_of_timestep", "uniform_boundaries", "ScaleSet", "check_compatible", "scales_of", "trainable",
+    "QuantizedWeight", "dequantize", "pack", "quantize_weight", "unpack", "NUM_TRAIN_TIMESTEPS", "ExpertRouter",
+    "RoutingLog", "RoutingPolicy", "expert_of_timestep", "uniform_boundaries", "ScaleSet", "check_compatible", "scales_of", "trainable",
 ]

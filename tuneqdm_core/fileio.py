@@ -6,13 +6,16 @@
 - quantized-model file: the whole quantized state dict (packed integers, zero points, base steps,
   scales, biases, norms...) plus the layer specs, so the float model never has to be loaded again.
 
-Both carry metadata (format, version, bits, experts, fingerprint of the quantized base model, layer
-names and shapes) and a sha256, so truncation and corruption are reported as such rather than
-surfacing as odd numbers. Version 2 hashes the metadata too (a changed layer list or bit width is
+Both carry metadata (format, version, the model's whole TuneQDMConfig as JSON, fingerprint of the
+quantized base model, layer names and shapes) and a sha256, so truncation and corruption are reported as
+such rather than surfacing as odd numbers. Version 2 hashes the metadata too (a changed layer list or bit width is
 corruption, not a different model); version 1 files, whose sha256 covers the tensors only, still load.
+Files written before the config was recorded (no `tuneqdm.config`) load with defaults for what they lack
+(`file_config`); the separate bits / experts / train_s_in entries stay, which older packs read.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -26,9 +29,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import TuneQDMConfig
-from .errors import FileFormatError, ModelMismatchError
+from .errors import FileFormatError, FileMissingError, ModelMismatchError, SettingError
 from .model import (build_quantized_skeleton, file_state_dict, fingerprint, layer_spec, model_config,
                     quantized_layers, specs_coded, specs_grouped)
+from .routing import RoutingPolicy
 from .scales import ScaleSet, check_compatible
 
 FORMAT_VERSION = "1"  # sha256 over the tensors only: the embedded default model's files (tuneqdm_demo/files.py)
@@ -37,6 +41,7 @@ GROUPED_VERSION = "3"  # as 2, and layers may be group-wise (a `group_size` in t
 CODED_VERSION = "4"  # as 3, and group steps may be step codes (`group_steps` in a spec): older readers refuse it
 READABLE_VERSIONS = (FORMAT_VERSION, METADATA_HASH_VERSION, GROUPED_VERSION, CODED_VERSION)
 SHA_KEY = "tuneqdm.sha256"
+CONFIG_KEY = "tuneqdm.config"  # the model's TuneQDMConfig, whole (to_json); scales files: with the scales' routing
 INFO_PREFIX = "tuneqdm.train."  # ScaleSet.info entries (training provenance) in a scales file
 MAX_NAME_BYTES = 255  # the longest file name the usual file systems (ext4, APFS, NTFS) accept
 SCALES_FORMAT = "tuneqdm-scales"
@@ -46,12 +51,19 @@ MODEL_FORMAT = "tuneqdm-quantized-model"
 @dataclass(frozen=True)
 class FileHeader:
     format: str
-    bits: int
-    experts: int
-    train_s_in: bool
+    version: str
+    config: TuneQDMConfig
     fingerprint: str
     layers: dict
     metadata: dict[str, str]
+
+    @property
+    def bits(self) -> int:
+        return self.config.bits
+
+    @property
+    def experts(self) -> int:
+        return self.config.experts
 
 
 def digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
@@ -72,7 +84,7 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metad
     under the real name, and an existing file is replaced only by a complete one."""
     path = Path(path)
     if len(path.name.encode()) > MAX_NAME_BYTES:
-        raise ValueError(f"file name too long: {len(path.name.encode())} bytes, at most {MAX_NAME_BYTES}")
+        raise SettingError(f"file name too long: {len(path.name.encode())} bytes, at most {MAX_NAME_BYTES}")
     path.parent.mkdir(parents=True, exist_ok=True)
     # A short temporary name of its own: one derived from the target's would pass the file-name limit
     # for legal target names near it.
@@ -94,7 +106,7 @@ def read_verified(path: str | os.PathLike, expected_format: str) -> tuple[dict[s
     version and sha256: a foreign, truncated or corrupted file raises FileFormatError naming the problem."""
     path = Path(path)
     if not path.is_file():
-        raise FileFormatError(f"{path}: no such file")
+        raise FileMissingError(f"{path}: no such file")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -126,17 +138,39 @@ def file_format(path: str | os.PathLike) -> str | None:
         return None
 
 
-def _read(path: str | os.PathLike, expected_format: str) -> tuple[FileHeader, dict[str, torch.Tensor]]:
+def read_header(path: str | os.PathLike, expected_format: str,
+                defaults: TuneQDMConfig | None = None) -> tuple[FileHeader, dict[str, torch.Tensor]]:
+    """Header (the recorded config among it; see `file_config` for `defaults`) and tensors of a verified file."""
     path = Path(path)
     meta, tensors = read_verified(path, expected_format)
-    fmt = expected_format
     try:
-        header = FileHeader(fmt, int(meta["tuneqdm.bits"]), int(meta["tuneqdm.experts"]),
-                            meta["tuneqdm.train_s_in"] == "1", meta["tuneqdm.fingerprint"],
-                            json.loads(meta["tuneqdm.layers"]), meta)
-    except (KeyError, ValueError) as e:
+        layers = json.loads(meta["tuneqdm.layers"])
+        config = file_config(meta, layers if expected_format == MODEL_FORMAT else None, defaults)
+        header = FileHeader(expected_format, meta["tuneqdm.version"], config, meta["tuneqdm.fingerprint"], layers, meta)
+    except (KeyError, ValueError, TypeError, FileFormatError) as e:  # ValueError: the config's SettingError, RoutingError
         raise FileFormatError(f"{path.name}: metadata incomplete or corrupted ({e})") from None
     return header, tensors
+
+
+def file_config(meta: dict[str, str], layers: dict | None, defaults: TuneQDMConfig | None = None) -> TuneQDMConfig:
+    """The TuneQDMConfig a file records. Files written before the whole config was recorded give bits,
+    experts and train_s_in; the rest comes from `defaults` (a scales file: the model it is loaded onto),
+    else from the layer specs (a model file's group size: that of its first layer, 0 (per channel) for
+    files from before groups) and the field defaults (s_in init 'ones', nothing kept in float, uniform
+    intervals)."""
+    if defaults is not None:
+        # Files that did not record a routing policy were trained and sampled by uniform intervals.
+        defaults = dataclasses.replace(defaults, routing=RoutingPolicy())
+    recorded = {"bits": int(meta["tuneqdm.bits"]), "experts": int(meta["tuneqdm.experts"]),
+                "train_s_in": meta["tuneqdm.train_s_in"] == "1"}
+    if CONFIG_KEY in meta:
+        config = TuneQDMConfig.from_json(json.loads(meta[CONFIG_KEY]), defaults)
+        if any(getattr(config, k) != v for k, v in recorded.items()):
+            raise FileFormatError(f"{CONFIG_KEY} disagrees with the bits / experts / train_s_in entries")
+        return config
+    if defaults is None and layers:
+        recorded["group_size"] = int(next(iter(layers.values())).get("group_size", 0))
+    return TuneQDMConfig.from_json(recorded, defaults)
 
 
 def _version(fmt: str, layers: dict) -> str:
@@ -155,7 +189,8 @@ def _metadata(fmt: str, cfg: TuneQDMConfig, fp: str, layers: dict, tensors: dict
         "tuneqdm.format": fmt, "tuneqdm.bits": str(cfg.bits),
         "tuneqdm.version": _version(fmt, layers),
         "tuneqdm.experts": str(cfg.experts), "tuneqdm.train_s_in": "1" if cfg.train_s_in else "0",
-        "tuneqdm.fingerprint": fp, "tuneqdm.layers": json.dumps(layers, separators=(",", ":")),
+        CONFIG_KEY: json.dumps(cfg.to_json(), separators=(",", ":")), "tuneqdm.fingerprint": fp,
+        "tuneqdm.layers": json.dumps(layers, separators=(",", ":")),
     })
     meta[SHA_KEY] = digest(tensors, meta)
     return meta
@@ -174,7 +209,7 @@ def save_scales(path: str | os.PathLike, scales: ScaleSet, module: nn.Module,
         tensors[f"{name}.s_out"] = (s_out.detach().float() - base).half()
         tensors[f"{name}.s_in"] = (s_in.detach().float() - 1.0).half()
     shapes = {name: [o.shape[1], i.shape[1]] for name, (o, i) in scales.tensors.items()}
-    cfg = model_config(module)
+    cfg = dataclasses.replace(model_config(module), routing=scales.policy)
     extra = {INFO_PREFIX + k: str(v) for k, v in scales.info.items()}
     extra.update(extra_metadata or {})
     atomic_save(tensors, path, _metadata(SCALES_FORMAT, cfg, scales.fingerprint, shapes, tensors, extra))
@@ -183,7 +218,7 @@ def save_scales(path: str | os.PathLike, scales: ScaleSet, module: nn.Module,
 def load_scales(path: str | os.PathLike, module: nn.Module) -> ScaleSet:
     """Read a scales file for the quantized `module`; refuse, naming the first mismatch, a file made
     for other bits, another number of experts, other layers or another base model."""
-    header, tensors = _read(path, SCALES_FORMAT)
+    header, tensors = read_header(path, SCALES_FORMAT, defaults=model_config(module))
     name = Path(path).name
     layers = dict(quantized_layers(module))
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -198,7 +233,7 @@ def load_scales(path: str | os.PathLike, module: nn.Module) -> ScaleSet:
         base = m.base_scale.detach().float().cpu()
         out[layer_name] = (d_out.float() + base, d_in.float() + 1.0)
     info = {k[len(INFO_PREFIX):]: v for k, v in header.metadata.items() if k.startswith(INFO_PREFIX)}
-    scales = ScaleSet(out, header.bits, header.experts, header.fingerprint, info)
+    scales = ScaleSet(out, header.bits, header.experts, header.fingerprint, info, header.config.routing)
     check_compatible(scales, module, source=name)  # bits, experts, layers, base model: first mismatch
     return scales.to(next(m.s_out.device for m in layers.values()))
 
@@ -216,11 +251,7 @@ def save_quantized_model(path: str | os.PathLike, module: nn.Module,
 
 def read_quantized_model(path: str | os.PathLike) -> tuple[FileHeader, dict[str, torch.Tensor]]:
     """Header and state dict of a quantized-model file, checked for integrity."""
-    return _read(path, MODEL_FORMAT)
-
-
-def header_config(header: FileHeader) -> TuneQDMConfig:
-    return TuneQDMConfig(bits=header.bits, experts=header.experts, train_s_in=header.train_s_in)
+    return read_header(path, MODEL_FORMAT)
 
 
 def load_quantized_model(path: str | os.PathLike, skeleton: nn.Module) -> nn.Module:
@@ -234,7 +265,7 @@ def load_quantized_model(path: str | os.PathLike, skeleton: nn.Module) -> nn.Mod
 
 def load_into_skeleton(skeleton: nn.Module, header: FileHeader, tensors: dict[str, torch.Tensor], source: str) -> None:
     try:
-        build_quantized_skeleton(skeleton, header.layers, header_config(header))
+        build_quantized_skeleton(skeleton, header.layers, header.config)
     except ModelMismatchError as e:
         raise ModelMismatchError(f"{source}: {e}") from None
     own = file_state_dict(skeleton)
@@ -251,7 +282,7 @@ def load_into_skeleton(skeleton: nn.Module, header: FileHeader, tensors: dict[st
     skeleton.load_state_dict(tensors, strict=True, assign=True)
     for _, m in quantized_layers(skeleton):
         # assign=True brings the file's tensors in as they are: restore which scales are trainable.
-        m.s_in.requires_grad_(header.train_s_in)
+        m.s_in.requires_grad_(header.config.train_s_in)
         if m.bias is not None:
             m.bias.requires_grad_(False)
     if fingerprint(skeleton) != header.fingerprint:

@@ -19,11 +19,12 @@ import torch
 from torch import nn
 
 from .config import TuneQDMConfig
-from .errors import ModelMismatchError
+from .errors import AlreadyQuantizedError, ModelMismatchError, NotQuantizedError
 from .layers import PLACEHOLDER, QuantConv2d, QuantLayer, QuantLinear
 from .routing import ExpertRouter
 
 ROUTER_ATTR = "tuneqdm_router"
+CONFIG_ATTR = "tuneqdm_config"  # the TuneQDMConfig the model was quantized (or loaded) with: model_config() reads it
 
 
 @dataclass
@@ -149,10 +150,10 @@ def quantize_model(module: nn.Module, config: TuneQDMConfig, *, compute_device: 
     built on `device` (default: where each float weight lives).
     """
     if is_quantized(module):
-        raise ValueError("this model is already TuneQDM-quantized; quantize the float model instead")
+        raise AlreadyQuantizedError("this model is already TuneQDM-quantized; quantize the float model instead")
     start = time.perf_counter()
     report = QuantReport(bytes_before=tensor_bytes(module))
-    router = ExpertRouter(config.experts)
+    router = ExpertRouter(config.experts, config.routing)
     generator = torch.Generator().manual_seed(config.seed)
     # Names, not modules: a materialised float layer must be freed as soon as it is swapped out.
     targets = []
@@ -184,7 +185,7 @@ def quantize_model(module: nn.Module, config: TuneQDMConfig, *, compute_device: 
         del m
         if progress is not None:
             progress(i + 1, len(targets))
-    setattr(module, ROUTER_ATTR, router)
+    _set_model_state(module, router, config)
     report.bytes_after = tensor_bytes(module)
     release_freed_memory()
     report.seconds = time.perf_counter() - start
@@ -200,6 +201,12 @@ def release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def _set_model_state(module: nn.Module, router: ExpertRouter, config: TuneQDMConfig) -> None:
+    # Plain attributes (object.__setattr__): neither is a submodule or a parameter of the model.
+    object.__setattr__(module, ROUTER_ATTR, router)
+    object.__setattr__(module, CONFIG_ATTR, config)
 
 
 def _attach(layer: QuantLayer, name: str, router: ExpertRouter) -> None:
@@ -229,7 +236,7 @@ def quantized_layers(module: nn.Module) -> Iterator[tuple[str, QuantLayer]]:
 def get_router(module: nn.Module) -> ExpertRouter:
     router = getattr(module, ROUTER_ATTR, None)
     if router is None:
-        raise TypeError("this model is not TuneQDM-quantized (no quantized layers were found)")
+        raise NotQuantizedError("this model is not TuneQDM-quantized (no quantized layers were found)")
     return router
 
 
@@ -238,13 +245,11 @@ def is_quantized(module: nn.Module) -> bool:
 
 
 def model_config(module: nn.Module) -> TuneQDMConfig:
-    """The config a quantized model was built with, read off its layers."""
-    layers = [m for _, m in quantized_layers(module)]
-    if not layers:
-        raise TypeError("this model is not TuneQDM-quantized (no quantized layers were found)")
-    first = layers[0]
-    return TuneQDMConfig(bits=first.bits, experts=first.num_experts, train_s_in=first.s_in.requires_grad,
-                         group_size=first.group_size)
+    """The config a quantized model was built with (or loaded with, from a file)."""
+    config = getattr(module, CONFIG_ATTR, None)
+    if config is None or not is_quantized(module):
+        raise NotQuantizedError("this model is not TuneQDM-quantized (no quantized layers were found)")
+    return config
 
 
 def fingerprint(module: nn.Module) -> str:
@@ -266,7 +271,7 @@ def build_quantized_skeleton(module: nn.Module, layers: dict[str, dict], config:
     """Swap the named Linear/Conv2d layers of `module` (which may live on the meta device) for empty
     quantized layers, ready for `load_state_dict(assign=True)`; used to load a quantized file
     without ever materialising float weights."""
-    router = ExpertRouter(config.experts)
+    router = ExpertRouter(config.experts, config.routing)
     for name, spec in layers.items():
         try:
             existing = module.get_submodule(name)
@@ -280,7 +285,7 @@ def build_quantized_skeleton(module: nn.Module, layers: dict[str, dict], config:
         q = make_empty_layer(spec, config)
         _attach(q, name, router)
         _set_child(module, name, q)
-    setattr(module, ROUTER_ATTR, router)
+    _set_model_state(module, router, config)
 
 
 def _channels(m: nn.Module) -> tuple[int, int] | None:

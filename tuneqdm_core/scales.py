@@ -2,13 +2,15 @@
 holds, and what a model clone activates for its forwards (through ExpertRouter.route(scales=...))."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .errors import ModelMismatchError
+from .errors import ModelMismatchError, RoutingError
 from .model import fingerprint, model_config, quantized_layers
+from .routing import RoutingPolicy
 
 
 @dataclass(frozen=True)
@@ -22,10 +24,13 @@ class ScaleSet:
     # Where the values come from (training steps done / planned, partial): written to and read from a
     # scales file's metadata, never used in computation.
     info: dict[str, str] = field(default_factory=dict, compare=False)
+    # The routing the scales were trained for, and are sampled with: each expert's scales belong to its
+    # timestep interval. Recorded in a scales file's config.
+    policy: RoutingPolicy = field(default_factory=RoutingPolicy)
 
     def to(self, device: torch.device | str) -> "ScaleSet":
         moved = {k: (o.to(device), i.to(device)) for k, (o, i) in self.tensors.items()}
-        return ScaleSet(moved, self.bits, self.experts, self.fingerprint, dict(self.info))
+        return dataclasses.replace(self, tensors=moved, info=dict(self.info))
 
     @property
     def device(self) -> torch.device:
@@ -42,7 +47,7 @@ def scales_of(module: nn.Module) -> ScaleSet:
     """A detached copy of the model's own scales."""
     cfg = model_config(module)
     tensors = {name: (m.s_out.detach().clone(), m.s_in.detach().clone()) for name, m in quantized_layers(module)}
-    return ScaleSet(tensors, cfg.bits, cfg.experts, fingerprint(module))
+    return ScaleSet(tensors, cfg.bits, cfg.experts, fingerprint(module), policy=cfg.routing)
 
 
 def trainable(scales: ScaleSet, train_s_in: bool) -> ScaleSet:
@@ -50,7 +55,7 @@ def trainable(scales: ScaleSet, train_s_in: bool) -> ScaleSet:
     tensors = {k: (nn.Parameter(o.detach().float().clone()),
                    nn.Parameter(i.detach().float().clone(), requires_grad=train_s_in))
                for k, (o, i) in scales.tensors.items()}
-    return ScaleSet(tensors, scales.bits, scales.experts, scales.fingerprint, dict(scales.info))
+    return dataclasses.replace(scales, tensors=tensors, info=dict(scales.info))
 
 
 def check_compatible(scales: ScaleSet, module: nn.Module, source: str = "scales") -> None:
@@ -60,6 +65,10 @@ def check_compatible(scales: ScaleSet, module: nn.Module, source: str = "scales"
         raise ModelMismatchError(f"{source} are for a W{scales.bits} model, but this model is W{cfg.bits}")
     if scales.experts != cfg.experts:
         raise ModelMismatchError(f"{source} have {scales.experts} experts, but this model has {cfg.experts}")
+    try:
+        scales.policy.check(cfg.experts)
+    except RoutingError as e:
+        raise ModelMismatchError(f"{source}: routing {scales.policy.describe()}: {e}") from None
     layers = dict(quantized_layers(module))
     for name in layers:
         if name not in scales.tensors:

@@ -2,7 +2,9 @@
 timestep interval. The ComfyUI node and scripts share this loop; what differs between them (how a
 sample is noised and scored, which model family) comes in as `loss_fn`.
 
-Each step draws one timestep per sample, uniform in [0, 1000). Samples are grouped by image set and
+Each step draws one timestep per sample, uniform over the training range (routing.NUM_TRAIN_TIMESTEPS),
+and routes it to its expert by the starting scales' routing policy (the model's: uniform intervals,
+custom boundaries or a fixed expert), as sampling with those scales will. Samples are grouped by image set and
 conditioning; each group runs forward and backward inside its own routing context (activation
 checkpointing recomputes forwards during backward, which must see the same experts). With gradient
 accumulation a step sums the gradients of several such batches. Only the experts that some sample
@@ -15,6 +17,7 @@ clipping, so every rank takes the same optimizer step.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -22,17 +25,17 @@ import torch
 from torch import nn
 
 from .checkpointing import checkpointed
-from .errors import TuneQDMError
-from .model import get_router
+from .errors import NonFiniteLossError, SettingError, TrainingDataError
+from .model import get_router, model_config
 from .optim import ExpertAdamW
-from .routing import expert_of_timestep
+from .routing import sample_timesteps
 from .scales import ScaleSet, trainable
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
-"""(x0 latents (B, ...), timesteps (B,) on 0..999, conditioning index) -> per-sample loss (B,)."""
+"""(x0 latents (B, ...), timesteps (B,) on the training range, conditioning index) -> per-sample loss (B,)."""
 GradientSync = Callable[[list[torch.Tensor], set[int], float], tuple[set[int], float]]
 """(trainable scales holding this process's gradients: every layer's s_out in `start`'s order, then every
-s_in when they train; the experts it used; its step loss) -> (experts to update, step loss), the gradients
+s_in when they train (`trains_s_in`); the experts it used; its step loss) -> (experts to update, step loss), the gradients
 replaced in place by the combined ones (e.g. all-reduced over ranks)."""
 
 
@@ -54,7 +57,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.grad_accumulation_steps < 1:
-            raise ValueError(f"steps, batch_size and grad_accumulation_steps must be at least 1, got {self.steps}, "
+            raise SettingError(f"steps, batch_size and grad_accumulation_steps must be at least 1, got {self.steps}, "
                              f"{self.batch_size}, {self.grad_accumulation_steps}")
 
 
@@ -72,9 +75,9 @@ class SampleSet:
 
     def __post_init__(self) -> None:
         if self.latents.shape[0] == 0:
-            raise ValueError(f"empty image batch for conditioning {self.cond}")
+            raise TrainingDataError(f"empty image batch for conditioning {self.cond}")
         if isinstance(self.cond, tuple) and len(self.cond) != self.latents.shape[0]:
-            raise ValueError(f"{len(self.cond)} conditionings for {self.latents.shape[0]} images")
+            raise TrainingDataError(f"{len(self.cond)} conditionings for {self.latents.shape[0]} images")
 
     def cond_of(self, index: int) -> int:
         return self.cond[index] if isinstance(self.cond, tuple) else self.cond
@@ -99,17 +102,21 @@ class TrainResult:
         return curves
 
 
-class NonFiniteLossError(TuneQDMError):
-    """Training produced a NaN/inf loss; `result` holds the last finite scales (no step taken on it)."""
-
-    def __init__(self, message: str, result: TrainResult) -> None:
-        super().__init__(message)
-        self.result = result
+def training_record(done: int, planned: int, partial: bool, resumed_from: str | None = None,
+                    stopped_by: str = "interrupted") -> dict[str, str]:
+    """What a run did, as ScaleSet.info (a scales file's training record): steps done and planned, whether it
+    stopped early and why, which file it continued."""
+    info = {"steps_done": str(done), "steps_planned": str(planned), "partial": "1" if partial else "0"}
+    if partial:
+        info["stopped_by"] = stopped_by
+    if resumed_from:
+        info["resumed_from"] = resumed_from
+    return info
 
 
 def _snapshot(scales: ScaleSet) -> ScaleSet:
-    return ScaleSet({k: (o.detach().clone(), i.detach().clone()) for k, (o, i) in scales.tensors.items()},
-                    scales.bits, scales.experts, scales.fingerprint, dict(scales.info))
+    return dataclasses.replace(scales, tensors={k: (o.detach().clone(), i.detach().clone())
+                                                for k, (o, i) in scales.tensors.items()}, info=dict(scales.info))
 
 
 def _generator(seed: int, start_step: int) -> torch.Generator:
@@ -122,7 +129,8 @@ def train_scales(model: nn.Module, start: ScaleSet, data: Sequence[SampleSet], l
                  should_stop: Callable[[], bool] | None = None,
                  stop_exceptions: tuple[type[BaseException], ...] = (), start_step: int = 0,
                  sync: GradientSync | None = None, generators: Sequence[torch.Generator] | None = None) -> TrainResult:
-    """Train a copy of `start` on `data`; `model` (quantized) is only read. `on_step(step, loss)` after
+    """Train a copy of `start` on `data`, each sample's expert picked by `start.policy`; `model`
+    (quantized) is only read. `on_step(step, loss)` after
     each step (progress); `should_stop()` before each step: True ends the run early, result marked
     partial. One of `stop_exceptions` raised inside a step (a host's interrupt) ends the run the same
     way: that step is dropped, the scales are those of the last complete step. `start_step` resumes a
@@ -131,17 +139,19 @@ def train_scales(model: nn.Module, start: ScaleSet, data: Sequence[SampleSet], l
     drawn from, config.batch_size / len(generators) samples from each (default: one stream from
     config.seed). `sync`: see GradientSync; called once per step, after its batches, before clipping."""
     if not data:
-        raise ValueError("no training images")
+        raise TrainingDataError("no training images")
     if not 0 <= start_step < config.steps:
-        raise ValueError(f"cannot resume at step {start_step} of a {config.steps}-step run: "
+        raise SettingError(f"cannot resume at step {start_step} of a {config.steps}-step run: "
                          f"steps must be more than the {start_step} already done")
     if generators is not None and (not generators or config.batch_size % len(generators)):
-        raise ValueError(f"batch size {config.batch_size} cannot be split evenly over "
+        raise SettingError(f"batch size {config.batch_size} cannot be split evenly over "
                          f"{len(generators or ())} sample streams")
     router = get_router(model)
-    scales = trainable(start, config.train_s_in)
+    start.policy.check(router.num_experts)
+    train_s_in = trains_s_in(model, config)
+    scales = trainable(start, train_s_in)
     groups = [dict(params=[o for o, _ in scales.tensors.values()], lr=config.lr_s_out)]
-    if config.train_s_in:
+    if train_s_in:
         groups.append(dict(params=[i for _, i in scales.tensors.values()], lr=config.lr_s_in))
     opt = ExpertAdamW(groups, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay)
     params = [p for g in groups for p in g["params"]]
@@ -182,6 +192,12 @@ def train_scales(model: nn.Module, start: ScaleSet, data: Sequence[SampleSet], l
     return TrainResult(_snapshot(scales), steps_done, partial, history, losses)
 
 
+def trains_s_in(model: nn.Module, config: TrainConfig) -> bool:
+    """Whether a run trains s_in: asked for by `config` and allowed by the model's config (a PEQA model keeps
+    s_in frozen)."""
+    return config.train_s_in and model_config(model).train_s_in
+
+
 def _subjects(sets: list[SampleSet]) -> list[list[SampleSet]]:
     """Sets grouped by subject, in order of first appearance."""
     groups: dict[object, list[SampleSet]] = {}
@@ -211,13 +227,13 @@ def _batch_gradients(router, scales: ScaleSet, instance: list[list[SampleSet]], 
             for subject in sorted(set(picks)):
                 n = picks.count(subject)
                 flat = torch.randint(sum(s.latents.shape[0] for s in kind[subject]), (n,), generator=gen)
-                drawn.setdefault(subject, []).append((flat, torch.rand(n, generator=gen) * 1000.0))
+                drawn.setdefault(subject, []).append((flat, sample_timesteps(n, gen)))
         for subject in sorted(drawn):
             sets = kind[subject]
             flat = torch.cat([f for f, _ in drawn[subject]])
             t = torch.cat([ts for _, ts in drawn[subject]])
             for s, idx, ts in _split(sets, flat, t):
-                experts = expert_of_timestep(ts, router.num_experts)
+                experts = scales.policy.experts(ts, router.num_experts)
                 with router.route(experts=experts, scales=scales.tensors):
                     per_sample = loss_fn(s.latents[idx], ts, s.cond_of(int(idx[0])))
                     loss = per_sample.sum() * (weight / share)

@@ -7,8 +7,11 @@ from __future__ import annotations
 if "." in __package__:
     from ..tuneqdm_core.fileio import FORMAT_VERSION, atomic_save, digest, read_verified
     from ..tuneqdm_core.model import get_router, is_quantized
+    from ..tuneqdm_core.routing import LAST_TIMESTEP, NUM_TRAIN_TIMESTEPS
 else:
     from tuneqdm_core.fileio import FORMAT_VERSION, atomic_save, digest, read_verified
     from tuneqdm_core.model import get_router, is_quantized
+    from tuneqdm_core.routing import LAST_TIMESTEP, NUM_TRAIN_TIMESTEPS
 
-__all__ = ["FORMAT_VERSION", "atomic_save", "digest", "get_router", "is_quantized", "read_verified"]
+__all__ = ["FORMAT_VERSION", "LAST_TIMESTEP", "NUM_TRAIN_TIMESTEPS", "atomic_save", "digest", "get_router", "is_quantized",
+           "read_verified"]

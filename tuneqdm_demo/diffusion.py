@@ -9,7 +9,7 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
-from .core import get_router, is_quantized
+from .core import LAST_TIMESTEP, get_router, is_quantized
 
 Scales = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
 
@@ -40,7 +40,7 @@ def ddim_sample(net: nn.Module, alphas: torch.Tensor, context: torch.Tensor, unc
     """Deterministic DDIM with classifier-free guidance -> x0 (n, *shape), as process_latent_in sees them.
     Like ComfyUI's samplers it never clamps x0. `context` is (1, L, C) for all samples or (n, L, C), one
     per sample. `scales` (a quantized model's, e.g. trained ones) replace the model's own for these calls."""
-    ts = torch.linspace(999, 0, steps).round().long()
+    ts = torch.linspace(LAST_TIMESTEP, 0, steps).round().long()
     x = torch.randn((n, *shape), generator=gen)
     ctx = torch.cat([context.expand(n, -1, -1), uncond.expand(n, -1, -1)])
     for i, t in enumerate(ts):

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from . import files
 from .classifier import train_classifier
+from .core import NUM_TRAIN_TIMESTEPS
 from .data import CLASS_PROMPT, LATENT_SCALE, SUBJECT_CLASS, caption, grey_to_latent, load_digits
 from .model import alphas_cumprod, default_base_model
 from .text import TextEncoder
@@ -61,7 +62,7 @@ def train_unet(steps: int, batch: int, seed: int, lr: float) -> tuple[dict[str, 
         kind = torch.bucketize(torch.rand(batch, generator=gen), torch.tensor([0.8, 0.9]))
         context = torch.where((kind == 0).view(-1, 1, 1), per_digit[labels],
                               torch.where((kind == 1).view(-1, 1, 1), bare, empty))
-        t = torch.randint(1000, (batch,), generator=gen)
+        t = torch.randint(NUM_TRAIN_TIMESTEPS, (batch,), generator=gen)
         a = alphas[t].view(-1, 1, 1, 1)
         eps = torch.randn(x0.shape, generator=gen)
         pred = net(a.sqrt() * x0 + (1 - a).sqrt() * eps, t.float(), context=context)

@@ -15,6 +15,8 @@ import sys
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
+from tuneqdm_core.errors import CollectiveError
+
 from . import distributed, trainer
 
 
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trainer.run(args, group)
         return 0
-    except distributed.CollectiveError as e:  # every rank raised it: nobody to tell
+    except CollectiveError as e:  # every rank raised it: nobody to tell
         log.error("stopped: %s", e)
         group.finish()
         raise

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from tuneqdm_core.errors import FileFormatError
+from tuneqdm_core.errors import FileFormatError, FileMissingError, TrainingDataError
 from tuneqdm_core.fileio import METADATA_HASH_VERSION, SHA_KEY, atomic_save, digest, read_verified
 
 FORMAT = "tuneqdm-train-data"
@@ -62,13 +62,13 @@ def read_folder(folder: str | Path, caption: str | None) -> tuple[list[torch.Ten
     folder = Path(folder)
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise ValueError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
+        raise TrainingDataError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
     images, captions = [], []
     for path in files:
         text_file = path.with_suffix(".txt")
         text = text_file.read_text().strip() if text_file.is_file() else caption
         if not text:
-            raise ValueError(f"{path.name}: no caption ({text_file.name} missing or empty) and no --caption")
+            raise TrainingDataError(f"{path.name}: no caption ({text_file.name} missing or empty) and no --caption")
         with Image.open(path) as im:
             rgb = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
         images.append(torch.from_numpy(rgb).unsqueeze(0))
@@ -79,16 +79,12 @@ def read_folder(folder: str | Path, caption: str | None) -> tuple[list[torch.Ten
 def encode_folder(folder: str | Path, caption: str | None, text: Callable[[str], list], vae: Any,
                   resolution: int) -> TrainingData:
     """Encode every image once (VAE) and every distinct caption once (text encoder)."""
-    import comfy.utils
     from tuneqdm_pack.nodes.dataset_inputs import images_to_batch
+    from tuneqdm_pack.nodes.training_data import square_resize
 
     images, captions = read_folder(folder, caption)
-
-    def resize(image: torch.Tensor) -> torch.Tensor:  # as the Train TuneQDM Scales node resizes
-        return comfy.utils.common_upscale(image.movedim(-1, 1), resolution, resolution, "bilinear", "center").movedim(1, -1)
-
     with torch.inference_mode(False), torch.no_grad():
-        latents = vae.encode(images_to_batch(images, str(folder), resize)).float().cpu()
+        latents = vae.encode(images_to_batch(images, str(folder), square_resize(resolution))).float().cpu()
         distinct = list(dict.fromkeys(captions))
         conds = []
         for c in distinct:
@@ -137,5 +133,5 @@ def from_path(path: str | Path, caption: str | None, encoders: Callable[[], Any]
         enc = encoders()
         return encode_folder(path, caption, enc.text, enc.vae, enc.resolution)
     if not path.exists():
-        raise FileNotFoundError(f"--data {path}: no such file or folder")
+        raise FileMissingError(f"--data {path}: no such file or folder")
     return load(path)

@@ -20,17 +20,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from tuneqdm_core.errors import CollectiveError, PeerFailedError, SettingError
+
 STATUS_BYTES = 512
 MAX_EXPERTS = 64  # status bytes 1..64 flag the experts a rank used; the rest carry its text
 _TEXT = 1 + MAX_EXPERTS
-
-
-class CollectiveError(RuntimeError):
-    """An error every rank raises at the same point (a peer failed, ranks disagree): no rank has to be told."""
-
-
-class PeerFailedError(CollectiveError):
-    """Another rank failed; the message names it and its error."""
 
 
 @dataclass
@@ -95,7 +89,7 @@ class Group:
         buf[0] = 1 if failed else 0
         for e in experts:
             if not 0 <= e < MAX_EXPERTS:
-                raise ValueError(f"expert {e} outside the {MAX_EXPERTS} a status can carry")
+                raise SettingError(f"expert {e} outside the {MAX_EXPERTS} a status can carry")
             buf[1 + e] = 1
         raw = text.encode()[: STATUS_BYTES - _TEXT]
         buf[_TEXT:_TEXT + len(raw)] = torch.tensor(list(raw), dtype=torch.uint8)
@@ -167,7 +161,7 @@ def start(timeout_s: float = 600.0) -> Group:
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         if local_rank >= torch.cuda.device_count():
-            raise RuntimeError(f"rank {rank}: local rank {local_rank} but only {torch.cuda.device_count()} GPUs here; "
+            raise SettingError(f"rank {rank}: local rank {local_rank} but only {torch.cuda.device_count()} GPUs here; "
                                "start at most one process per GPU (--nproc_per_node)")
         torch.cuda.set_device(local_rank)  # before ComfyUI is imported: it takes the current device as its own
         device, backend = torch.device("cuda", local_rank), "nccl"
@@ -188,7 +182,7 @@ class GradientAllReduce:
 
     def __init__(self, group: Group, num_experts: int) -> None:
         if num_experts > MAX_EXPERTS:
-            raise ValueError(f"{num_experts} experts: a data-parallel run handles at most {MAX_EXPERTS}")
+            raise SettingError(f"{num_experts} experts: a data-parallel run handles at most {MAX_EXPERTS}")
         self.group, self.num_experts = group, num_experts
         self.params: list[torch.Tensor] = []
 

@@ -15,6 +15,8 @@ from typing import Any, Callable
 
 import torch
 
+from tuneqdm_core.errors import FileMissingError, SettingError
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PACK = "tuneqdm_pack"  # the name the in-process tests load the pack under: one copy of its classes per process
 DEFAULT = "default"
@@ -35,7 +37,7 @@ def import_comfy(device: torch.device) -> ModuleType:
     chooses its device on first import)."""
     comfy_dir = comfy_root()
     if not (comfy_dir / "comfy").is_dir():
-        raise FileNotFoundError(f"{comfy_dir}/comfy missing: run `make setup`, or set TUNEQDM_COMFYUI to a ComfyUI checkout")
+        raise FileMissingError(f"{comfy_dir}/comfy missing: run `make setup`, or set TUNEQDM_COMFYUI to a ComfyUI checkout")
     if str(comfy_dir) not in sys.path:
         # Appended: ComfyUI's top-level `nodes.py` must not shadow anything of ours.
         sys.path.append(str(comfy_dir))
@@ -77,7 +79,7 @@ def load_model(spec: str, bits: int = 4, experts: int = 4) -> Any:
         return model
     path = Path(spec)
     if path.suffix != ".safetensors":
-        raise ValueError(f"--model {spec}: expected `default` or a quantized-model .safetensors file "
+        raise SettingError(f"--model {spec}: expected `default` or a quantized-model .safetensors file "
                          "(from Save Quantized UNet); only safetensors files are loaded")
     from tuneqdm_pack.nodes import model_files
 
@@ -103,9 +105,9 @@ class Encoders:
 
 def _safetensors(path: str, what: str) -> str:
     if Path(path).suffix != ".safetensors":
-        raise ValueError(f"{what} {path}: only .safetensors files are loaded")
+        raise SettingError(f"{what} {path}: only .safetensors files are loaded")
     if not Path(path).is_file():
-        raise FileNotFoundError(f"{what} {path}: no such file")
+        raise FileMissingError(f"{what} {path}: no such file")
     return path
 
 
@@ -121,13 +123,13 @@ def encoders(model: Any, vae: str | None, text_encoder: str | None, clip_type: s
 
         return Encoders(DefaultTextEncoder().conditioning, PixelVAE(), resolution or 64)
     if vae is None or text_encoder is None:
-        raise ValueError("training from images needs --vae and --text-encoder for this model (only the embedded "
+        raise SettingError("training from images needs --vae and --text-encoder for this model (only the embedded "
                          "default model has its own); or give pre-encoded data (python -m tuneqdm_train encode)")
     vae_model = comfy.sd.VAE(sd=comfy.utils.load_torch_file(_safetensors(vae, "--vae"), safe_load=True))
     try:
         kind = comfy.sd.CLIPType[clip_type.upper()]
     except KeyError:
-        raise ValueError(f"--clip-type {clip_type}: one of {', '.join(t.name.lower() for t in comfy.sd.CLIPType)}") from None
+        raise SettingError(f"--clip-type {clip_type}: one of {', '.join(t.name.lower() for t in comfy.sd.CLIPType)}") from None
     clip = comfy.sd.load_clip(ckpt_paths=[_safetensors(text_encoder, "--text-encoder")], clip_type=kind)
 
     def text(prompt: str) -> list:

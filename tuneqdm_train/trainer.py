@@ -1,5 +1,5 @@
 """One rank's run: load the model and the data, train with the node's loop (`train_scales`) and the node's
-loss (`prediction_loss`), rank 0 writes the scales file.
+objective (`nodes.training_objective.model_objective`), rank 0 writes the scales file.
 
 What makes ranks agree: each rank draws its samples and timesteps from its own seed streams (rank r of a
 run with S streams per rank owns streams r*S .. r*S+S-1), and a sample's noise is a function of the run's
@@ -24,7 +24,9 @@ import torch
 
 from . import data as data_mod
 from . import sources
-from .distributed import CollectiveError, GradientAllReduce, Group
+from tuneqdm_core.errors import CollectiveError, SettingError
+
+from .distributed import GradientAllReduce, Group
 
 log = logging.getLogger("tuneqdm_train")
 
@@ -50,23 +52,22 @@ def timestep_noise(seed: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Te
 
 
 def build_loss(base: Any, conds: list, device: torch.device, loss_name: str, seed: int) -> Callable:
-    """The node's loss for `base`; a seam the failure test wraps."""
-    from tuneqdm_pack.nodes.train_node import LOSS_FUNCTIONS, prediction_loss
+    """The node's objective for `base`; a seam the failure test wraps."""
+    from tuneqdm_pack.nodes.training_objective import model_objective
+    from tuneqdm_pack.tuneqdm_core.objective import ERROR_FUNCTIONS
 
-    if loss_name not in LOSS_FUNCTIONS:
-        raise ValueError(f"--loss {loss_name}: one of {', '.join(LOSS_FUNCTIONS)}")
-    return prediction_loss(base, conds, device, LOSS_FUNCTIONS[loss_name], timestep_noise(seed))
+    if loss_name not in ERROR_FUNCTIONS:
+        raise SettingError(f"--loss {loss_name}: one of {', '.join(ERROR_FUNCTIONS)}")
+    return model_objective(base, conds, device, ERROR_FUNCTIONS[loss_name], timestep_noise(seed))
 
 
 def _live_scales(start: Any, params: list[torch.Tensor], train_s_in: bool, info: dict[str, str]) -> Any:
     """The scales train_scales holds right now, from the tensors it handed to `sync` (every layer's s_out in
     `start`'s order, then every s_in when those train)."""
-    from tuneqdm_pack.tuneqdm_core.scales import ScaleSet
-
     names = list(start.tensors)
     s_in = params[len(names):] if train_s_in else [start.tensors[n][1] for n in names]
     tensors = {n: (o.detach().clone(), i.detach().clone()) for n, o, i in zip(names, params[:len(names)], s_in)}
-    return ScaleSet(tensors, start.bits, start.experts, start.fingerprint, info)
+    return dataclasses.replace(start, tensors=tensors, info=info)
 
 
 def _digest(scales: Any) -> str:
@@ -80,9 +81,9 @@ def _digest(scales: Any) -> str:
 
 def _info(done: int, planned: int, partial: bool, resumed_from: str | None, group: Group, streams: int,
           stopped_by: str = "interrupted") -> dict[str, str]:
-    from tuneqdm_pack.nodes.train_node import _partial_info  # the node's training record, same keys
+    from tuneqdm_pack.tuneqdm_core.train import training_record
 
-    info = _partial_info(done, planned, partial, resumed_from, stopped_by)
+    info = training_record(done, planned, partial, resumed_from, stopped_by)
     info.update(world_size=str(group.world), sample_streams=str(group.world * streams))
     return info
 
@@ -93,22 +94,21 @@ def run(args: argparse.Namespace, group: Group) -> dict:
     core = sources.pack().tuneqdm_core
     import comfy.model_management
     from tuneqdm_pack.nodes.trainable import grad_ready
-    from tuneqdm_pack.tuneqdm_core.train import SampleSet, TrainConfig, train_scales
+    from tuneqdm_pack.tuneqdm_core.train import SampleSet, TrainConfig, train_scales, trains_s_in
 
     out = Path(args.out)
     if out.suffix != ".safetensors":
-        raise ValueError(f"--out {out}: a scales file name ends in .safetensors")
+        raise SettingError(f"--out {out}: a scales file name ends in .safetensors")
     model = sources.load_model(args.model, args.bits, args.experts)
     data = data_mod.from_path(args.data, args.caption,
                               lambda: sources.encoders(model, args.vae, args.text_encoder, args.clip_type, args.resolution))
     base, dm = model.model, model.model.diffusion_model
-    train_s_in = args.train_s_in and core.model_config(dm).train_s_in
     start, start_step = core.scales_of(dm), 0
     if args.resume:
         start = core.load_scales(args.resume, dm)
         start_step = int(start.info.get("steps_done", "0"))
         if start_step >= args.steps:
-            raise ValueError(f"--resume {args.resume}: already has {start_step} steps; set --steps above {start_step} to continue it")
+            raise SettingError(f"--resume {args.resume}: already has {start_step} steps; set --steps above {start_step} to continue it")
     # Every rank must hold the same model, data and settings, or the all-reduced gradients mean nothing.
     identity = (f"model {start.fingerprint}, data {data.digest()}, start step {start_step}, steps {args.steps}, "
                 f"batch {args.batch_size}, streams {args.streams}, seed {args.seed}")
@@ -119,9 +119,10 @@ def run(args: argparse.Namespace, group: Group) -> dict:
     streams = [stream_generator(args.seed, k, start_step)
                for k in range(group.rank * args.streams, (group.rank + 1) * args.streams)]
     loss_fn = build_loss(base, data.conds, device, args.loss, args.seed)
-    config = TrainConfig(steps=args.steps, lr_s_out=args.lr_s_out, lr_s_in=args.lr_s_in, train_s_in=train_s_in,
+    config = TrainConfig(steps=args.steps, lr_s_out=args.lr_s_out, lr_s_in=args.lr_s_in, train_s_in=args.train_s_in,
                          batch_size=args.batch_size, seed=args.seed, checkpointing=args.checkpointing,
                          grad_accumulation_steps=args.grad_accumulation_steps)
+    train_s_in = trains_s_in(dm, config)
     sync = GradientAllReduce(group, core.get_router(dm).num_experts)
     resumed_from = str(args.resume) if args.resume else None
     stamps = [time.perf_counter()]
