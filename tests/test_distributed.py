@@ -269,3 +269,17 @@ def test_training_data_files_are_safetensors_only_and_checked(tmp_path):
     path.write_bytes(bytes(raw))
     with pytest.raises(FileFormatError, match="corrupted"):
         data.load(path)
+
+
+def test_training_data_files_hold_video_latents_and_refuse_other_ranks(tmp_path):
+    from tuneqdm_core.errors import FileFormatError
+    from tuneqdm_train import data
+
+    conds = [[torch.randn(1, 16, 64), {}]]
+    video = data.TrainingData([(torch.randn(2, 16, 3, 4, 4), (0, 0))], conds, ["a sks clip"])
+    data.save(tmp_path / "video.safetensors", video)
+    back = data.load(tmp_path / "video.safetensors")
+    assert torch.equal(back.groups[0][0], video.groups[0][0])
+    data.save(tmp_path / "flat.safetensors", data.TrainingData([(torch.randn(2, 16), (0, 0))], conds, ["x"]))
+    with pytest.raises(FileFormatError, match=r"latents.0 \(2, 16\)"):
+        data.load(tmp_path / "flat.safetensors")

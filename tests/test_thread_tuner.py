@@ -50,3 +50,15 @@ def test_one_thread_needs_no_tuner():
             assert tuner is None
     finally:
         torch.set_num_threads(before)
+
+
+def test_quantizing_a_model_in_memory_is_tuned_too(two_threads):
+    """Quantize UNet's path (a float model already in memory, no file) times its CPU layers like the loader."""
+    from torch import nn
+
+    from tuneqdm_core import TuneQDMConfig, quantize_model
+
+    model = nn.Sequential(*(nn.Linear(1024, MIN_NUMEL // 1024) for _ in range(3)))
+    report = quantize_model(model, TuneQDMConfig(bits=4, experts=1))
+    assert any("ms per million values" in note for note in report.notes)
+    assert torch.get_num_threads() == 2

@@ -22,6 +22,7 @@ from .config import TuneQDMConfig
 from .errors import AlreadyQuantizedError, ModelMismatchError, NotQuantizedError
 from .layers import PLACEHOLDER, QuantConv2d, QuantLayer, QuantLinear
 from .routing import ExpertRouter
+from .thread_tuner import tuned_threads
 
 ROUTER_ATTR = "tuneqdm_router"
 CONFIG_ATTR = "tuneqdm_config"  # the TuneQDMConfig the model was quantized (or loaded) with: model_config() reads it
@@ -162,29 +163,37 @@ def quantize_model(module: nn.Module, config: TuneQDMConfig, *, compute_device: 
             targets.append(n)
         elif not isinstance(m, QuantLayer) and (why := _unquantized_reason(m)) is not None:
             report.skipped.append((n, why))
-    for i, name in enumerate(targets):
-        m = module.get_submodule(name)
-        if weight_init is not None and m.weight.device.type == "meta":
-            m = m.to_empty(device="cpu")
-            with torch.no_grad():
-                weight_init(name, m)
-        why = _skip_reason(name, m, config)
-        if why is not None:
-            report.skipped.append((name, why))
-        else:
-            cls = QuantLinear if layer_kind(m) == "linear" else QuantConv2d
-            weight = m.weight if weight_of is None else weight_of(name, m)
-            q = cls.from_float(m, bits=config.bits, experts=config.experts, train_s_in=config.train_s_in,
-                               s_in_init=config.s_in_init, s_in_sigma=config.s_in_sigma, generator=generator,
-                               compute_device=compute_device, weight=weight, device=device,
-                               group_size=config.group_size, minimize=config.minimize_error)
-            del weight
-            _attach(q, name, router)
-            _set_child(module, name, q)
-            report.converted.append((name, cls.__name__, q.weight_shape))
-        del m
-        if progress is not None:
-            progress(i + 1, len(targets))
+    with tuned_threads() as tuner:
+        for i, name in enumerate(targets):
+            m = module.get_submodule(name)
+            if weight_init is not None and m.weight.device.type == "meta":
+                m = m.to_empty(device="cpu")
+                with torch.no_grad():
+                    weight_init(name, m)
+            why = _skip_reason(name, m, config)
+            if why is not None:
+                report.skipped.append((name, why))
+            else:
+                cls = QuantLinear if layer_kind(m) == "linear" else QuantConv2d
+                weight = m.weight if weight_of is None else weight_of(name, m)
+                timed = tuner is not None and torch.device(compute_device or weight.device).type == "cpu"
+                if timed:
+                    tuner.begin(weight.numel())
+                q = cls.from_float(m, bits=config.bits, experts=config.experts, train_s_in=config.train_s_in,
+                                   s_in_init=config.s_in_init, s_in_sigma=config.s_in_sigma, generator=generator,
+                                   compute_device=compute_device, weight=weight, device=device,
+                                   group_size=config.group_size, minimize=config.minimize_error)
+                if timed:
+                    tuner.end()
+                del weight
+                _attach(q, name, router)
+                _set_child(module, name, q)
+                report.converted.append((name, cls.__name__, q.weight_shape))
+            del m
+            if progress is not None:
+                progress(i + 1, len(targets))
+        if tuner is not None and tuner.summary():
+            report.notes.append(tuner.summary())
     _set_model_state(module, router, config)
     report.bytes_after = tensor_bytes(module)
     release_freed_memory()

@@ -11,7 +11,6 @@ from torch import nn
 from .config import TuneQDMConfig
 from .errors import ModelMismatchError
 from .model import LayerKind, QuantReport, quantize_model, release_freed_memory, torch_layer_kind
-from .thread_tuner import tuned_threads
 
 TensorReader = Callable[[str], torch.Tensor]
 """key (as in the module's state dict) -> the file's tensor for it, as a float tensor where it is a weight."""
@@ -41,32 +40,23 @@ def quantize_from_file(module: nn.Module, config: TuneQDMConfig, read: TensorRea
         used.add(key)
         return t
 
-    on_cpu = compute_device is None or torch.device(compute_device).type == "cpu"
-    with tuned_threads(on_cpu) as tuner:
+    def fill_layer(name: str, layer: nn.Module) -> None:
+        if layer.weight.element_size() < 2:
+            layer.float()  # an fp8 model dtype is for what stays float: quantize from the file's precision
+        # copy_ converts as it copies: no converted temporary beside the file's tensor and the layer's own.
+        layer.weight.copy_(take(f"{name}.weight", layer.weight))
+        if getattr(layer, "bias", None) is not None:
+            layer.bias.copy_(take(f"{name}.bias", layer.bias))
 
-        def fill_layer(name: str, layer: nn.Module) -> None:
-            if layer.weight.element_size() < 2:
-                layer.float()  # an fp8 model dtype is for what stays float: quantize from the file's precision
-            # copy_ converts as it copies: no converted temporary beside the file's tensor and the layer's own.
-            layer.weight.copy_(take(f"{name}.weight", layer.weight))
-            if getattr(layer, "bias", None) is not None:
-                layer.bias.copy_(take(f"{name}.bias", layer.bias))
-            if tuner is not None:  # what follows, until each_layer, is this layer's quantization
-                tuner.begin(layer.weight.numel())
+    def each_layer(done: int, total: int) -> None:
+        # glibc keeps the freed float layers' pages otherwise (its mmap threshold grows after the first large
+        # free), and the peak would hold several layers instead of one.
+        release_freed_memory()
+        if progress is not None:
+            progress(done, total)
 
-        def each_layer(done: int, total: int) -> None:
-            if tuner is not None:
-                tuner.end()
-            # glibc keeps the freed float layers' pages otherwise (its mmap threshold grows after the first large
-            # free), and the peak would hold several layers instead of one.
-            release_freed_memory()
-            if progress is not None:
-                progress(done, total)
-
-        report = quantize_model(module, config, compute_device=compute_device, progress=each_layer,
-                                weight_init=fill_layer, layer_kind=layer_kind, device=device)
-        if tuner is not None and tuner.summary():
-            report.notes.append(tuner.summary())
+    report = quantize_model(module, config, compute_device=compute_device, progress=each_layer,
+                            weight_init=fill_layer, layer_kind=layer_kind, device=device)
     # What stays float (norms, embeddings, layers kept in float), one module at a time.
     for prefix, m in module.named_modules():
         for store in (m._parameters, m._buffers):

@@ -28,7 +28,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 @dataclass(frozen=True)
 class TrainingData:
-    """Latent groups of one size each, (N, C, H, W) as the VAE gives them, with each image's conditioning
+    """Latent groups of one size each, (N, C, H, W) as an image VAE gives them or (N, C, T, H, W) from a video
+    VAE (each video one sample, as in Train TuneQDM Scales), with each sample's conditioning
     index; the conditionings as ComfyUI [context, options] pairs, and the captions they encode."""
 
     groups: list[tuple[torch.Tensor, tuple[int, ...]]]
@@ -120,7 +121,7 @@ def load(path: str | Path) -> TrainingData:
     except (KeyError, ValueError) as e:
         raise FileFormatError(f"{path.name}: training data incomplete ({e})") from None
     for g, (latents, index) in enumerate(groups):
-        if latents.ndim != 4 or len(index) != latents.shape[0] or any(not 0 <= i < len(conds) for i in index):
+        if latents.ndim not in (4, 5) or len(index) != latents.shape[0] or any(not 0 <= i < len(conds) for i in index):
             raise FileFormatError(f"{path.name}: latents.{g} {tuple(latents.shape)} and its {len(index)} "
                                   f"conditioning indices do not fit ({len(conds)} conditionings)")
     return TrainingData(groups, conds, captions)
