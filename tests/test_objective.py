@@ -63,7 +63,7 @@ def test_an_unknown_error_function_is_named():
 
 @pytest.mark.parametrize("model_type, prediction", [("EPS", "eps"), ("V_PREDICTION", "v"), ("FLOW", "flow")])
 def test_comfyui_model_sampling_is_a_schedule_that_agrees_with_the_plain_one(model_type, prediction):
-    from assets import import_pack
+    from tuneqdm_fixtures.host import import_pack
 
     import_pack()
     import comfy.model_base
