@@ -27,7 +27,7 @@ def main(path: str, bits: int) -> None:
     from tuneqdm_pack.nodes.quantize_on_load import load_quantized
     from tuneqdm_pack.tuneqdm_core import TuneQDMConfig, tensor_bytes
     from tuneqdm_pack.tuneqdm_core.lazy_file import LazyFile
-    from tuneqdm_pack.tuneqdm_core.model import release_freed_memory
+    from tuneqdm_pack.tuneqdm_core.heap import release_freed_memory
 
     file = LazyFile(path)
     largest = max(t.numel() for k, t in file.items() if k.endswith(".weight"))

@@ -238,3 +238,19 @@ def test_from_float_builds_the_layer_on_the_device_asked_for():
     float_layer = nn.Linear(8, 4)
     q = QuantLinear.from_float(float_layer, bits=8, experts=1, device="meta")
     assert {t.device.type for t in q.state_dict().values()} == {"meta"}
+
+
+def test_cpu_inference_hands_freed_heap_back_after_large_layers_only(monkeypatch):
+    import tuneqdm_core.layers as layers_module
+
+    calls = []
+    monkeypatch.setattr(layers_module, "release_freed_memory", lambda: calls.append(1))
+    big, small = (QuantLinear.from_float(nn.Linear(n, 1024), bits=4, experts=1) for n in (1024, 16))
+    x_big, x_small = torch.randn(2, 1024), torch.randn(2, 16)
+    with torch.no_grad():
+        big(x_big)
+        assert calls == [1]
+        small(x_small)
+        assert calls == [1]  # below RELEASE_MIN_VALUES: not worth a trim
+    big(x_big.requires_grad_())
+    assert calls == [1]  # training: checkpointing.py releases between blocks instead

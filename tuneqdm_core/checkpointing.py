@@ -10,7 +10,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from .errors import InPlaceInputError
-from .model import release_freed_memory
+from .heap import release_freed_memory
 from .out_of_place import augmented_assignment_out_of_place
 
 

@@ -18,12 +18,18 @@ from torch import nn
 from .adapters import Adapter, LowRank, apply_adapters
 from .errors import MissingScalesError, ModelMismatchError, RoutingError, SettingError, UnsupportedError
 from .functional import ConvGeometry, PackedWeight, separable_conv2d, separable_linear
+from .heap import release_freed_memory
 from .packing import check_bits, empty_group_cells, packed_width
 from .quant import QuantizedWeight, check_group_size, num_groups, quantize_weight
 from .routing import ExpertRouter
 
 
 PLACEHOLDER = "weight"
+# CPU inference hands freed heap pages back after layers at least this large: the float weight such a layer
+# builds and drops, and the activations freed since, would otherwise stay resident. Measured on the full-size
+# SD1.5 UNet at a 64x64 latent, batch 2: one forward's peak above the loaded model 0.53 GB, 0.35 GB with this,
+# and the same time (17 s); after every layer 0.30 GB but 10% slower.
+RELEASE_MIN_VALUES = 2**20
 
 
 class QuantLayer(nn.Module):
@@ -146,6 +152,18 @@ class QuantLayer(nn.Module):
             return ()
         return router.adapters.get(self.tuneqdm_name, ())
 
+    def _released(self, y: torch.Tensor) -> torch.Tensor:
+        if y.device.type == "cpu" and not torch.is_grad_enabled() and self.weight_numel >= RELEASE_MIN_VALUES:
+            release_freed_memory()
+        return y
+
+    @property
+    def weight_numel(self) -> int:
+        n = 1
+        for d in self.weight_shape:
+            n *= d
+        return n
+
     def _with_adapters(self, y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None,
                        out: Callable[[Adapter, torch.Tensor], torch.Tensor], channel_dim: int) -> torch.Tensor:
         adapters = self.adapters()
@@ -187,7 +205,7 @@ class QuantLinear(QuantLayer):
             return self.forward(x[None])[0]
         packed, s_out, s_in, bias = self.operands(x)
         y = separable_linear(x, s_in, s_out, bias, self._experts(x), packed)
-        return self._with_adapters(y, x, bias, lambda a, h: a.linear(h), -1)
+        return self._released(self._with_adapters(y, x, bias, lambda a, h: a.linear(h), -1))
 
 
 class QuantConv2d(QuantLayer):
@@ -221,7 +239,7 @@ class QuantConv2d(QuantLayer):
             padding = (0, 0)
         geo = ConvGeometry(self.stride, padding, self.dilation, self.groups)
         y = separable_conv2d(x, s_in, s_out, bias, self._experts(x), packed, geo)
-        return self._with_adapters(y, x, bias, lambda a, h: a.conv2d(h, geo), 1)
+        return self._released(self._with_adapters(y, x, bias, lambda a, h: a.conv2d(h, geo), 1))
 
 
 def _quantize_on(weight: torch.Tensor, bits: int, compute_device: torch.device | None,

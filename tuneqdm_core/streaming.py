@@ -10,7 +10,8 @@ from torch import nn
 
 from .config import TuneQDMConfig
 from .errors import ModelMismatchError
-from .model import LayerKind, QuantReport, quantize_model, release_freed_memory, torch_layer_kind
+from .heap import release_freed_memory
+from .model import LayerKind, QuantReport, quantize_model, torch_layer_kind
 
 TensorReader = Callable[[str], torch.Tensor]
 """key (as in the module's state dict) -> the file's tensor for it, as a float tensor where it is a weight."""
