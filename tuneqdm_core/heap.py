@@ -6,6 +6,16 @@ freed pages at its peak instead of one."""
 from __future__ import annotations
 
 import ctypes
+import functools
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, looked up once (CPU sampling calls it after every large layer), or None."""
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 def release_freed_memory() -> None:
@@ -13,7 +23,6 @@ def release_freed_memory() -> None:
     measured here, about 300 MB of the process's footprint after quantizing SD1.5 (one float layer at
     a time, plus temporaries); training calls it between blocks (checkpointing.py), CPU inference after
     each large quantized layer (layers.py). A no-op where glibc is not the allocator."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
