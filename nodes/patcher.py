@@ -25,6 +25,7 @@ from torch import nn
 from ..tuneqdm_core import (QuantReport, TuneQDMConfig, is_quantized, own_tensors, quantize_model, structural_copy,
                             torch_layer_kind)
 from ..tuneqdm_core.errors import NotQuantizedError
+from .family_defaults import resolve_keep_float
 from .routing_wrapper import WRAPPER_KEY, ExpertRouting
 
 
@@ -136,6 +137,7 @@ def quantize_patcher(model, config: TuneQDMConfig, progress=None) -> tuple[comfy
     """A new quantized MODEL from `model`, the same whatever ran before: built from the unpatched
     weights with `model`'s own weight patches merged once, owning every tensor it holds, on the
     offload device."""
+    config, keep_float_note = resolve_keep_float(config, getattr(model.model, "model_config", None))
     original = _Unpatched(model)
     patches = model.patches
     offload = model.offload_device
@@ -155,6 +157,8 @@ def quantize_patcher(model, config: TuneQDMConfig, progress=None) -> tuple[comfy
     compute = comfy.model_management.get_torch_device()
     report = quantize_model(new_base.diffusion_model, config, compute_device=compute, progress=progress,
                             weight_of=weight_of, layer_kind=comfy_layer_kind, device=offload)
+    if keep_float_note:
+        report.notes.append(keep_float_note)
     own_tensors(new_base, original, offload)
     quantized = {f"{DIFFUSION_PREFIX}{name}.weight" for name, _, _ in report.converted}
     _merge_bias_wrappers(new_base, wrappers, quantized)

@@ -8,6 +8,7 @@ from comfy_api.latest import io
 from ..tuneqdm_core import QuantReport, TuneQDMConfig
 from ..tuneqdm_core.errors import SettingError
 from ..tuneqdm_core.routing import NUM_TRAIN_TIMESTEPS
+from .family_defaults import AUTO
 from .patcher import progress_callback, quantize_patcher
 
 CATEGORY = "TuneQDM"
@@ -30,9 +31,12 @@ def quantize_options() -> list[io.Input]:
                        tooltip="Which scales training may change. PEQA (the baseline) trains s_out only, with 1 expert."),
         io.Combo.Input("s_in_init", options=["ones", "normal"], default="ones",
                        tooltip="Initial input-channel scales: all 1 (reference code) or N(1, 0.01) (paper)."),
-        io.String.Input("keep_float", default="", multiline=False,
+        io.String.Input("keep_float", default=AUTO, multiline=False,
                         tooltip="Comma-separated layer-name patterns to leave in float, e.g. '*conv_in*, *out.2*'. "
-                                "Empty: quantize all."),
+                                "auto: the model family's default (SDXL, SD3, Flux, Wan: the timestep, text and "
+                                "input embeddings and the final layer; SD 1.x/2.x: none, as in the method); it can "
+                                "be combined with patterns ('auto, *attn2*'). Empty: quantize all. The report "
+                                "lists what was kept."),
     ]
 
 

@@ -20,6 +20,7 @@ import torch
 from ..tuneqdm_core import FileFormatError, ModelMismatchError, QuantReport, TuneQDMConfig
 from ..tuneqdm_core.lazy_file import LazyFile, LazyTensor
 from ..tuneqdm_core.streaming import quantize_from_file
+from .family_defaults import resolve_keep_float
 from .patcher import APPLY_MODEL, WRAPPER_KEY, comfy_layer_kind
 from .routing_wrapper import ExpertRouting
 
@@ -79,6 +80,7 @@ def load_quantized(path: str, config: TuneQDMConfig, weight_dtype: str = "defaul
     if model_config is None:
         raise ModelMismatchError(f"{file.name}: ComfyUI recognises no diffusion model in this file (no model family "
                                  "matches its tensor names and shapes)")
+    config, keep_float_note = resolve_keep_float(config, model_config)
     if hasattr(model_config, "quant_config"):
         model_config.quant_config = None  # fp8 weights are dequantized here, one at a time
     dtype, manual_cast = _unet_dtype(model_config, sd, weight_dtype)
@@ -102,6 +104,8 @@ def load_quantized(path: str, config: TuneQDMConfig, weight_dtype: str = "defaul
     leftover = [n for n, t in list(base.named_parameters()) + list(base.named_buffers()) if t.is_meta]
     if leftover:
         raise ModelMismatchError(f"{file.name}: {len(leftover)} tensors of the model have no data (first: {leftover[0]})")
+    if keep_float_note:
+        report.notes.append(keep_float_note)
     report.notes.append(f"loaded from {file.name} ({type(model_config).__name__}); what stays float is {dtype}")
     base.device = offload
     patcher = comfy.model_patcher.ModelPatcher(base, load_device=comfy.model_management.get_torch_device(),

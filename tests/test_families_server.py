@@ -24,8 +24,8 @@ import torch
 from safetensors.torch import load_file
 
 from tuneqdm_fixtures.checkpoints import install
-from tuneqdm_fixtures.families import (FAMILIES, FAMILY_NODES, FLUX_DEV_DEPTH, SDXL_UNET_PARAMS, family_specs,
-                                       write_family_file)
+from tuneqdm_fixtures.families import (FAMILIES, FAMILY_NODES, SDXL_UNET_PARAMS, family_specs, flux_dev_parameters,
+                                       weight_bytes, write_family_file)
 from tuneqdm_fixtures.graph import Graph, output_files
 from tuneqdm_fixtures.host import host_version
 from tuneqdm_fixtures.paths import checkout
@@ -188,11 +188,7 @@ def test_every_size_is_detected_as_its_family():
     counts = {(f, size): sum(s.numel for s in family_specs(f, size).values()) for f in FAMILIES
               for size in ("test", "full")}
     assert counts["sdxl", "full"] == SDXL_UNET_PARAMS
-    flux = family_specs("flux", "full")
-    per_block = {kind: sum(s.numel for k, s in flux.items() if k.startswith(f"{kind}_blocks.0."))
-                 for kind in ("double", "single")}
-    rest = sum(s.numel for k, s in flux.items() if not k.startswith(("double_blocks.", "single_blocks.")))
-    dev = rest + FLUX_DEV_DEPTH[0] * per_block["double"] + FLUX_DEV_DEPTH[1] * per_block["single"]
+    dev = flux_dev_parameters(family_specs("flux", "full"))
     assert 11.8e9 < dev < 12.0e9, dev
     assert all(counts[f, "test"] < counts[f, "full"] for f in FAMILIES)
 
@@ -267,6 +263,39 @@ def test_family_quantize_sample_train_reload(server, family):
     assert "complete: 3/3 steps" in texts["train_report"], texts["train_report"]
 
 
+#: What keep_float 'auto' keeps of the test files (nodes/family_defaults.py): the embeddings of the latent,
+#: timestep and text, and the final projection.
+AUTO_KEPT = {
+    "sd35m": {"x_embedder.proj", "t_embedder.mlp.0", "t_embedder.mlp.2", "y_embedder.mlp.0", "y_embedder.mlp.2",
+              "context_embedder", "final_layer.linear"},
+    "wan21": {"text_embedding.0", "text_embedding.2", "time_embedding.0", "time_embedding.2", "head.head"},
+}
+
+
+@pytest.mark.parametrize("family", list(AUTO_KEPT))
+def test_keep_float_auto_keeps_the_family_default_on_both_quantizing_nodes(server, family):
+    """keep_float 'auto' (the widget's default): quantize-on-load and Quantize UNet keep the family's layers in
+    float, say so in the report, and build the same model (saved and compared tensor by tensor)."""
+    name = _installed(server, family, CASES[family].dtype)
+    d = FamilyGraph(family, name)
+    routes = {"onload": d.load_quantize("4", "auto"), "quantize": d.quantize(d.unet(), "4", "auto")}
+    for tag, node in routes.items():
+        d.text(node.out(1), tag)
+        d.g.node("TuneQDMSaveQuantizedUNet", model=node, filename_prefix=f"families/{family}_auto_{tag}",
+                 overwrite=True)
+    _, texts = d.run(server, PROMPT_TIMEOUT)
+
+    for tag, text in texts.items():
+        assert f"keep_float auto for {FAMILIES[family].comfy_class}:" in text, text[:600]
+        assert set(re.findall(r"kept in float: (\S+) \(matches keep_float\)", text)) == AUTO_KEPT[family], text
+    onload, quantized = (_saved_unet(server, f"families/{family}_auto_{tag}") for tag in routes)
+    assert onload.keys() == quantized.keys()
+    for key in onload:
+        torch.testing.assert_close(onload[key], quantized[key], rtol=0, atol=0, msg=key)
+    for layer in AUTO_KEPT[family]:
+        assert f"{layer}.weight" in onload and f"{layer}.qweight" not in onload, layer
+
+
 def test_fp8_file_loads_and_quantizes(server):
     """An fp8 file as users have them (float8_e4m3fn Linear/Conv weights, the rest bf16): the stock UNETLoader
     detects it as SDXL, and quantize-on-load W8 samples within W8 error of it."""
@@ -320,13 +349,19 @@ def load_and_measure(family: str, size: str, dtype: str) -> tuple[dict[str, Any]
         out, _ = d.run(srv, 3 * PROMPT_TIMEOUT)
         step_s = time.perf_counter() - started
         peak = _peak_rss(srv.pid)
+        prefix = f"families/{family}_{size}_w4"
+        d.g.node("TuneQDMSaveQuantizedUNet", model=w4, filename_prefix=prefix, overwrite=True)
+        d.run(srv, 3 * PROMPT_TIMEOUT)
+        (saved,) = (srv.models_dir / "tuneqdm" / "unet").glob(f"{prefix}.safetensors")
+        weights_before, weights_after = weight_bytes(asset.path, saved)
     finally:
         srv.stop()
     quantized = re.search(r"weights ([\d,]+) B -> ([\d,]+) B", texts["report"])
     before, after = (int(quantized.group(i).replace(",", "")) for i in (1, 2))
     figures = {
         "parameters": asset.parameters, "file_bytes": asset.nbytes, "load_quantize_s": round(load_s, 1),
-        "weight_bytes_before": before, "weight_bytes_after": after, "ratio_to_file": round(after / asset.nbytes, 4),
+        "model_bytes_before": before, "model_bytes_after": after, "ratio_to_file": round(after / asset.nbytes, 4),
+        "weight_ratio": round(weights_after / weights_before, 4),
         "server_baseline_rss": baseline, "peak_rss_after_load": load_peak, "peak_rss_after_step": peak,
         "one_step_s": round(step_s, 1),
     }
@@ -340,7 +375,8 @@ def test_load_and_measure_runs_at_test_size():
         pytest.skip(f"the family tests target ComfyUI 0.8.0 (host {host_version()})")
     figures, latent = load_and_measure("wan21", "test", "fp16")
     assert torch.isfinite(latent).all() and latent.shape[1] == 16
-    assert 0 < figures["weight_bytes_after"] < figures["weight_bytes_before"]
+    assert 0 < figures["model_bytes_after"] < figures["model_bytes_before"]
+    assert 0 < figures["weight_ratio"] < 1
     assert figures["server_baseline_rss"] <= figures["peak_rss_after_load"] <= figures["peak_rss_after_step"]
 
 
@@ -348,12 +384,14 @@ def test_load_and_measure_runs_at_test_size():
                                           "on 2 cores: set TUNEQDM_FULL_SIZE=1 to run them")
 @pytest.mark.parametrize("family", list(FULL_CASES))
 def test_full_size_quantize_on_load(family):
-    """Full-size files (Flux: true widths, FLUX_FULL_DEPTH blocks): W4 at most 0.30x of the file's bytes, and
-    the server's peak RSS grows by less than the file (the float model is never in memory)."""
+    """Full-size files (Flux: true widths, FLUX_FULL_DEPTH blocks): W4 at most 0.30x of the file's Linear/Conv
+    weight bytes, and the server's peak RSS grows by less than the file (the float model is never in memory)."""
     if host_version() < (0, 8, 0):
         pytest.skip(f"the family tests target ComfyUI 0.8.0 (host {host_version()})")
     figures, latent = load_and_measure(family, "full", FULL_CASES[family])
     print(json.dumps({family: figures}))
     assert torch.isfinite(latent).all()
-    assert figures["ratio_to_file"] <= 0.30, figures
+    # The issue's measure: the file's Linear/Conv weight bytes. The whole model (ratio_to_file) also holds the
+    # float tables and norms, in fp32 on a CPU: SD3.5's 226M-value pos_embed takes it to 0.45x.
+    assert figures["weight_ratio"] <= 0.30, figures
     assert figures["peak_rss_after_load"] - figures["server_baseline_rss"] < figures["file_bytes"], figures

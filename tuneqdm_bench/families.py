@@ -33,12 +33,10 @@ import argparse
 import json
 import re
 import time
-from pathlib import Path
 from typing import Any, Callable
 
-from tuneqdm_core.lazy_file import read_header
 from tuneqdm_fixtures.checkpoints import install
-from tuneqdm_fixtures.families import FAMILY_NODES
+from tuneqdm_fixtures.families import FAMILY_NODES, weight_bytes
 from tuneqdm_fixtures.graph import Graph
 from tuneqdm_fixtures.paths import checkout
 from tuneqdm_fixtures.server import PACK_FOLDER, ComfyServer
@@ -61,22 +59,15 @@ class Family:
     """One family's file and the graph pieces every row shares."""
 
     def __init__(self, name: str, size: str) -> None:
-        from tuneqdm_fixtures.families import FLUX_DEV_DEPTH, family_specs, write_family_file
+        from tuneqdm_fixtures.families import family_specs, flux_dev_parameters, write_family_file
 
         self.name, self.size = name, size
         self.asset = write_family_file(name, size, FILE_DTYPES[name])
         self.unet = self.asset.path.name
         specs = family_specs(name, size)
         self.parameters = sum(s.numel for s in specs.values())
-        self.dev_scale = None
-        if name == "flux":  # parameters of Flux dev's depth over this file's
-            per = {kind: sum(s.numel for k, s in specs.items() if k.startswith(f"{kind}_blocks.0."))
-                   for kind in ("double", "single")}
-            depth = {kind: len({k.split(".")[1] for k in specs if k.startswith(f"{kind}_blocks.")})
-                     for kind in ("double", "single")}
-            rest = self.parameters - depth["double"] * per["double"] - depth["single"] * per["single"]
-            dev = rest + FLUX_DEV_DEPTH[0] * per["double"] + FLUX_DEV_DEPTH[1] * per["single"]
-            self.dev_scale = dev / self.parameters
+        # Flux: parameters at Flux dev's depth over this file's
+        self.dev_scale = flux_dev_parameters(specs) / self.parameters if name == "flux" else None
 
     def server(self) -> ComfyServer:
         srv = ComfyServer(custom_nodes={PACK_FOLDER: checkout(), FAMILY_NODES.name: FAMILY_NODES}).start()
@@ -135,32 +126,6 @@ def _sample_step(fam: Family, srv: ComfyServer, model_of: Callable[[Graph], Any]
     return times[0], times[1]
 
 
-def _weight_bytes(source: Path, quantized: Path) -> tuple[int, int]:
-    """(Linear/Conv weight bytes of the source file, the same weights in the quantized file): a quantized
-    layer is every tensor under a prefix that has `qweight`, except its bias; a weight left in float counts
-    at 2 bytes a value, as in the source."""
-    src = {k: v for k, v in read_header(str(source)).items() if isinstance(v, dict) and "shape" in v}
-    before = sum(2 * _numel(v["shape"]) for k, v in src.items() if k.endswith(".weight") and len(v["shape"]) >= 2)
-    q = {k: v for k, v in read_header(str(quantized)).items() if isinstance(v, dict) and "shape" in v}
-    layers = {k.rsplit(".", 1)[0] for k in q if k.endswith(".qweight")}
-    after = 0
-    for k, v in q.items():
-        prefix, _, leaf = k.rpartition(".")
-        if prefix in layers:
-            if leaf != "bias":
-                after += v["data_offsets"][1] - v["data_offsets"][0]
-        elif leaf == "weight" and len(v["shape"]) >= 2:
-            after += 2 * _numel(v["shape"])
-    return before, after
-
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
 def float_rows(fam: Family, rows: set[str], out: dict[str, Any]) -> None:
     """UNETLoader's MODEL: one sampling step; then Quantize UNet W4 on it (last: on a busy CPU it is the
     slow one, see README, and it has its own time limit)."""
@@ -202,7 +167,7 @@ def loader_rows(fam: Family, bits: str, rows: set[str], out: dict[str, Any]) -> 
                    overwrite=True)
             srv.run(g.to_api(), timeout=TIMEOUT, check=True)
             (saved,) = (srv.models_dir / "tuneqdm" / "unet").glob(f"bench_{fam.name}_w4.safetensors")
-            out["weight_bytes_before"], out["weight_bytes_after_w4"] = _weight_bytes(fam.asset.path, saved)
+            out["weight_bytes_before"], out["weight_bytes_after_w4"] = weight_bytes(fam.asset.path, saved)
             out["w4_weight_ratio"] = out["weight_bytes_after_w4"] / out["weight_bytes_before"]
         if "sample" in rows:
             _, out[f"w{bits}_step_s"] = _sample_step(fam, srv, lambda g: fam.loader(g, bits))

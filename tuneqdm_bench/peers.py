@@ -3,7 +3,7 @@ ComfyUI server (the full-size SD1.5 UNet, random weights, fp16 file; CLIP and VA
 and the figure is that server process's peak resident memory (VmHWM).
 
     python -m tuneqdm_bench peers [--rows train|infer|all] [--only TEXT ...] [--attention default|pytorch|both]
-                                  [--steps 3] [--size 256] [--json]
+                                  [--steps 3] [--size 256] [--phases 4|8] [--json]
 
 Training rows: UNETLoader -> TrainLoraNode (rank 8 fp32, rank 8 bf16, rank 32 fp32) against the pack's
 UNETLoader -> Quantize UNet -> Train TuneQDM Scales (W4, W8), Load Quantized UNet (a W4 file) -> Train,
@@ -11,6 +11,9 @@ and Load and Quantize Diffusion Model (W4, W8) -> Train; batch 1, images at --si
 seconds per step measured inside the node (TrainLoraNode: its progress bar's rate; the pack: its report).
 Inference rows: load + sample one 512x512 image (64x64 latent, 4 euler steps) with UNETLoader at its
 default dtype (fp32 on this CPU), fp16 and fp8_e4m3fn, against Load and Quantize Diffusion Model W8 and W4.
+
+--phases 4|8 runs the loader's inference graph instead, in one server, one prompt per part (the loader; CLIP's
+load and encoding; sampling), and prints the server's peak and current memory after each: where the row peaks.
 
 Targets (issue 11): loader W4 -> Train peaks at most 0.45x UNETLoader -> TrainLoraNode (rank 8, fp32);
 loader W4 load + sample at most 0.6x UNETLoader fp16 and 0.4x its default; the W4 training step at most
@@ -102,19 +105,64 @@ def _tuneqdm_row(source: str, bits: str):
 
 def _infer_row(source: str, option: str):
     def build(g: Graph, info: dict, args) -> None:
-        ckpt = g.node("CheckpointLoaderSimple", ckpt_name=CKPT)
-        if source == "unet":
-            model = g.node("UNETLoader", unet_name=UNET, weight_dtype=option).out(0)
-        else:
-            model = g.node("TuneQDMLoadQuantizeDiffusionModel", unet_name=UNET, weight_dtype="default", bits=option,
-                           **QUANT).out(0)
-        pos = g.node("CLIPTextEncode", text="a photo", clip=ckpt.out(1))
-        neg = g.node("CLIPTextEncode", text="", clip=ckpt.out(1))
+        _infer_graph(g, source, option, stage=3)
+    return build
+
+
+def _infer_graph(g: Graph, source: str, option: str, stage: int) -> None:
+    """The inference graph, in ComfyUI's order of execution: stage 1 the model loader (the pack's loaders
+    only: their report is an output), 2 also the checkpoint's CLIP encoding, 3 the whole graph."""
+    ckpt = g.node("CheckpointLoaderSimple", ckpt_name=CKPT)
+    if source == "unet":
+        model = g.node("UNETLoader", unet_name=UNET, weight_dtype=option).out(0)
+    else:
+        loader = g.node("TuneQDMLoadQuantizeDiffusionModel", unet_name=UNET, weight_dtype="default", bits=option,
+                        **QUANT)
+        model = loader.out(0)
+        if stage < 3:
+            g.node("PreviewAny", source=loader.out(1))
+    pos = g.node("CLIPTextEncode", text="a photo", clip=ckpt.out(1))
+    neg = g.node("CLIPTextEncode", text="", clip=ckpt.out(1))
+    if stage == 2:
+        g.node("PreviewAny", source=pos.out(0))
+        g.node("PreviewAny", source=neg.out(0))
+    if stage == 3:
         latent = g.node("EmptyLatentImage", width=512, height=512, batch_size=1)
         s = g.node("KSampler", model=model, positive=pos.out(0), negative=neg.out(0), latent_image=latent.out(0),
                    seed=0, steps=4, cfg=7.0, sampler_name="euler", scheduler="normal", denoise=1.0)
         g.node("SaveLatent", samples=s.out(0), filename_prefix="latents/peers")
-    return build
+
+
+def _memory(pid: int) -> dict[str, float]:
+    """The process's peak and current resident memory, anonymous and file-backed, in GB."""
+    keys = ("VmHWM", "VmRSS", "RssAnon", "RssFile")
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in keys:
+            out[key] = int(value.split()[0]) * 1024 / 1e9
+    return out
+
+
+def phases(files: dict, bits: str, server_args: tuple[str, ...]) -> list[dict]:
+    """Where the loader's inference row peaks: one server, three prompts that add the graph's nodes in the
+    order ComfyUI runs them (the model loader, then CLIP's load and encoding, then sampling); ComfyUI keeps
+    each prompt's outputs, so every prompt runs only what is new. Peak and current memory after each."""
+    server = _server(files, server_args)
+    try:
+        out = [{"phase": "server started", **_memory(server.pid)}]
+        for stage, what in ((1, f"Load and Quantize W{bits}"), (2, "+ CheckpointLoaderSimple, CLIPTextEncode"),
+                            (3, "+ KSampler 512x512, 4 steps")):
+            g = Graph()
+            _infer_graph(g, "loader", bits, stage)
+            start = time.perf_counter()
+            server.run(g.to_api(), timeout=1800, check=True)
+            out.append({"phase": what, "seconds": time.perf_counter() - start, **_memory(server.pid)})
+            print(f"[peers phases] {what}: " + ", ".join(f"{k} {v:.3f}" for k, v in out[-1].items()
+                                                        if k != "phase"), flush=True)
+        return out
+    finally:
+        server.stop()
 
 
 ROWS = [
@@ -202,6 +250,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="inference rows: the host's own attention on this machine (on a CPU, ComfyUI's sub-quadratic "
                         "attention), PyTorch's scaled-dot-product attention (--use-pytorch-cross-attention, "
                         "ComfyUI's choice on NVIDIA GPUs), or each row under both")
+    p.add_argument("--phases", choices=("4", "8"),
+                   help="instead of the rows: where Load and Quantize at these bits -> KSampler 512x512 peaks, "
+                        "its nodes added prompt by prompt in one server (peak and current memory after each)")
     p.add_argument("--json", action="store_true")
 
 
@@ -209,6 +260,12 @@ def main(args: argparse.Namespace) -> int:
     unet = cached_sd15_unet(full_size=True)
     ckpt = write_tiny_sd15_checkpoint(asset_cache_dir() / CKPT)
     files = {"diffusion_models": (unet.path, UNET), "checkpoints": (ckpt.path, CKPT)}
+    if args.phases:
+        server_args = ("--use-pytorch-cross-attention",) if args.attention == "pytorch" else ()
+        found = phases(files, args.phases, server_args)
+        if args.json:
+            print(json.dumps({"phases": found, "attention": args.attention}, indent=1))
+        return 0
     rows = [r for r in _with_attention(ROWS, args.attention)
             if args.rows in ("all", r.kind) and (not args.only or any(t in r.name for t in args.only))]
     if any("W4 file" in r.name for r in rows):

@@ -204,5 +204,41 @@ def parameters(family: str, size: str) -> int:
     return sum(s.numel for s in family_specs(family, size).values())
 
 
+def weight_bytes(source: Path, quantized: Path) -> tuple[int, int]:
+    """(Linear/Conv weight bytes of a 2-byte source file, the same weights in a quantized-model file): a
+    quantized layer is every tensor under a prefix that has `qweight` (codes, zero points, steps, the
+    experts' scales) except its bias; a weight left in float counts at 2 bytes a value, as in the source.
+    Tables, norms and biases are no weights here, in either file."""
+    from tuneqdm_core.lazy_file import read_header
+
+    def tensors(path: Path) -> dict[str, dict]:
+        return {k: v for k, v in read_header(str(path)).items() if isinstance(v, dict) and "shape" in v}
+
+    def is_weight(key: str, v: dict) -> bool:
+        return key.endswith(".weight") and len(v["shape"]) >= 2
+
+    before = sum(2 * math.prod(v["shape"]) for k, v in tensors(source).items() if is_weight(k, v))
+    q = tensors(quantized)
+    layers = {k.rsplit(".", 1)[0] for k in q if k.endswith(".qweight")}
+    after = 0
+    for k, v in q.items():
+        prefix, _, leaf = k.rpartition(".")
+        if prefix in layers:
+            if leaf != "bias":
+                after += v["data_offsets"][1] - v["data_offsets"][0]
+        elif is_weight(k, v):
+            after += 2 * math.prod(v["shape"])
+    return before, after
+
+
+def flux_dev_parameters(specs: dict[str, TensorSpec]) -> int:
+    """A Flux file's parameters at Flux dev's depth (FLUX_DEV_DEPTH): its blocks counted from block 0 of each
+    kind, everything outside the blocks as it is."""
+    per = {kind: sum(s.numel for k, s in specs.items() if k.startswith(f"{kind}_blocks.0."))
+           for kind in ("double", "single")}
+    rest = sum(s.numel for k, s in specs.items() if not k.startswith(("double_blocks.", "single_blocks.")))
+    return rest + FLUX_DEV_DEPTH[0] * per["double"] + FLUX_DEV_DEPTH[1] * per["single"]
+
+
 __all__ = ["FAMILIES", "FAMILY_NODES", "Family", "family_specs", "write_family_file", "file_name", "parameters",
-           "write_safetensors_streaming", "FLUX_DEV_DEPTH", "FLUX_FULL_DEPTH", "SDXL_UNET_PARAMS"]
+           "flux_dev_parameters", "weight_bytes", "write_safetensors_streaming", "FLUX_DEV_DEPTH", "FLUX_FULL_DEPTH", "SDXL_UNET_PARAMS"]
