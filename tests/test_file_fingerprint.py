@@ -1,9 +1,11 @@
 """The loaders' change detection (nodes/file_fingerprint.py): a fingerprint follows the file's content,
-and the content is hashed once per version of the file, not on every prompt."""
+and the content is hashed once per version of the file, not on every prompt; a file above HASH_LIMIT is
+never read for it, and its fingerprint still changes with every write and replacement."""
 from __future__ import annotations
 
 import hashlib
 import math
+import time
 
 import pytest
 
@@ -69,3 +71,24 @@ def test_a_missing_file_gets_a_fingerprint_that_never_matches(fingerprint, tmp_p
 
     assert math.isnan(fingerprint.fingerprint_or_nan(missing))
     assert math.isnan(fingerprint.fingerprint_or_nan(lambda: str(tmp_path / "gone.safetensors")))
+
+
+def test_a_large_file_is_not_read_and_its_fingerprint_follows_writes_and_replacements(fingerprint, hashes, tmp_path,
+                                                                                       monkeypatch):
+    monkeypatch.setattr(fingerprint, "HASH_LIMIT", 4096)
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"a" * 10_000)
+    first = fingerprint.file_fingerprint(str(path))
+    assert fingerprint.file_fingerprint(str(path)) == first  # unchanged: ComfyUI's cache holds
+    # Kernels before multigrain timestamps advance mtime by clock ticks; prompts are further apart than that.
+    time.sleep(0.05)
+    with open(path, "r+b") as f:  # in place, same size and inode
+        f.write(b"b" * 10_000)
+    second = fingerprint.file_fingerprint(str(path))
+    time.sleep(0.05)
+    replacement = tmp_path / "new.safetensors"
+    replacement.write_bytes(b"b" * 10_000)
+    replacement.replace(path)  # how an atomic save or a download manager replaces a file
+    third = fingerprint.file_fingerprint(str(path))
+    assert len({first, second, third}) == 3
+    assert hashes == []  # never read
