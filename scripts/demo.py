@@ -44,14 +44,6 @@ class LogFollower:
         self.seen = len(lines)
 
 
-def peak_rss(pid: int | None) -> int | None:
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except (OSError, TypeError):
-        return None
-    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) * 1024
-
-
 def main() -> int:
     out = REPO / "out" / time.strftime("demo-%Y%m%d-%H%M%S")
     out.mkdir(parents=True)
@@ -62,7 +54,7 @@ def main() -> int:
         start = time.perf_counter()
         entry = server.run(graph, timeout=900, check=True, on_poll=LogFollower(server))
         seconds = time.perf_counter() - start
-        rss = peak_rss(server.pid)
+        rss = server.memory().get("VmHWM")
         files = {p.name: p for p in output_files(entry, server.output_dir)}
         for name, path in files.items():
             shutil.copyfile(path, out / name)

@@ -16,7 +16,6 @@ import os
 import re
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -317,14 +316,6 @@ FULL_SIZE = os.environ.get("TUNEQDM_FULL_SIZE") == "1"
 FULL_CASES = {"sdxl": "fp16", "sd35m": "fp16", "flux": "bf16", "wan21": "fp16"}
 
 
-def _peak_rss(pid: int) -> int:
-    """The process's peak resident set (VmHWM), in bytes."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM")
-
-
 def load_and_measure(family: str, size: str, dtype: str) -> tuple[dict[str, Any], torch.Tensor]:
     """The family's file through quantize-on-load W4 (default options) on a fresh server, then one sampling
     step at the smallest latent: seconds, the server's peak RSS (baseline, after the load, after the step)
@@ -332,7 +323,7 @@ def load_and_measure(family: str, size: str, dtype: str) -> tuple[dict[str, Any]
     asset = write_family_file(family, size, dtype)
     srv = ComfyServer(custom_nodes={PACK_FOLDER: checkout(), FAMILY_NODES.name: FAMILY_NODES}).start()
     try:
-        baseline = _peak_rss(srv.pid)
+        baseline = srv.peak_rss()
         name = install(asset.path, srv.models_dir / "diffusion_models").name
         d = FamilyGraph(family, name)
         w4 = d.g.node("TuneQDMLoadQuantizeDiffusionModel", unet_name=name, weight_dtype="default", bits="4",
@@ -341,14 +332,14 @@ def load_and_measure(family: str, size: str, dtype: str) -> tuple[dict[str, Any]
         started = time.perf_counter()
         _, texts = d.run(srv, 3 * PROMPT_TIMEOUT)
         load_s = time.perf_counter() - started
-        load_peak = _peak_rss(srv.pid)
+        load_peak = srv.peak_rss()
         d.texts.clear()  # the report node is served from the cache in the next prompt
         sampler = d.sample(w4, "one_step")
         sampler.set(steps=1)
         started = time.perf_counter()
         out, _ = d.run(srv, 3 * PROMPT_TIMEOUT)
         step_s = time.perf_counter() - started
-        peak = _peak_rss(srv.pid)
+        peak = srv.peak_rss()
         prefix = f"families/{family}_{size}_w4"
         d.g.node("TuneQDMSaveQuantizedUNet", model=w4, filename_prefix=prefix, overwrite=True)
         d.run(srv, 3 * PROMPT_TIMEOUT)

@@ -41,7 +41,7 @@ from tuneqdm_fixtures.graph import Graph
 from tuneqdm_fixtures.paths import checkout
 from tuneqdm_fixtures.server import PACK_FOLDER, ComfyServer
 
-from .peers import _peak_rss, _step_seconds, _with_defaults
+from .peers import _step_seconds, _with_defaults
 
 FILE_DTYPES = {"sdxl": "fp16", "wan21": "fp16", "flux": "bf16", "sd35m": "fp16"}  # the order they run in
 LATENTS = {"sdxl": "EmptyLatentImage", "sd35m": "EmptySD3LatentImage", "flux": "EmptySD3LatentImage",
@@ -134,7 +134,7 @@ def float_rows(fam: Family, rows: set[str], out: dict[str, Any]) -> None:
         if "sample" in rows:
             out["float_first_prompt_s"], out["float_step_s"] = _sample_step(
                 fam, srv, lambda g: g.node("UNETLoader", unet_name=fam.unet, weight_dtype="default"))
-            out["float_server_peak_rss"] = _peak_rss(srv.pid)
+            out["float_server_peak_rss"] = srv.peak_rss()
         if "quantize" in rows:
             g = Graph()
             unet = g.node("UNETLoader", unet_name=fam.unet, weight_dtype="default")
@@ -158,7 +158,7 @@ def loader_rows(fam: Family, bits: str, rows: set[str], out: dict[str, Any]) -> 
         out[f"loader_w{bits}_quantize_s"] = report["quantize_s"]
         out[f"loader_w{bits}_model_bytes"] = report["model_bytes_after"]
         out[f"loader_w{bits}_threads"] = report["threads"]
-        out[f"loader_w{bits}_peak_rss_after_load"] = _peak_rss(srv.pid)
+        out[f"loader_w{bits}_peak_rss_after_load"] = srv.peak_rss()
         if bits == "4":
             out["w4_model_ratio_to_file"] = report["model_bytes_after"] / fam.asset.nbytes
         if bits == "4" and "quantize" in rows:
@@ -185,7 +185,7 @@ def _train_tuneqdm(fam: Family, pixels: int, steps: int = 1) -> dict[str, Any]:
                        train_s_in=True, batch_size=1, seed=0, resolution=64, gradient_checkpointing=True)
         g.node("PreviewAny", source=train.out(3))
         entry, seconds = _timed(srv, g)
-        return {"peak_rss": _peak_rss(srv.pid), "prompt_s": seconds,
+        return {"peak_rss": srv.peak_rss(), "prompt_s": seconds,
                 "step_s": _node_step_seconds(entry), "latent": f"{pixels // 8}x{pixels // 8}"}
     finally:
         srv.stop()
@@ -215,7 +215,7 @@ def _train_lora(fam: Family, pixels: int, steps: int = 1) -> dict[str, Any]:
         class _Lora:  # peers._step_seconds reads TrainLoraNode's rate from the log for rows named so
             name, kind = "TrainLora", "train"
 
-        return {"peak_rss": _peak_rss(srv.pid), "prompt_s": seconds,
+        return {"peak_rss": srv.peak_rss(), "prompt_s": seconds,
                 "step_s": _step_seconds(_Lora, entry, srv.log_text(), steps), "latent": f"{pixels // 8}x{pixels // 8}"}
     finally:
         srv.stop()

@@ -156,13 +156,6 @@ def chosen(args: argparse.Namespace, name: str) -> bool:
     return not texts or any(t in name for t in texts)
 
 
-def _peak_rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 def _quant_inputs(s: Setting) -> dict:
     return dict(bits=str(s.bits), experts=1, scales="s_out and s_in (TuneQDM)", s_in_init="ones", keep_float="",
                 group_size=str(s.group_size) if s.group_size else "per-channel")
@@ -271,7 +264,7 @@ def server_part(args: argparse.Namespace) -> list[dict]:
             lat = load_file(str(files[-1]))["latent_tensor"].float()
             keep = out / f"latent_{len(results)}.latent"
             keep.write_bytes(files[-1].read_bytes())  # kept: a later run can use the fp32 one as --reference
-            results.append({"row": name, "file_bytes": size, "seconds": wall, "peak_rss": _peak_rss(s.pid),
+            results.append({"row": name, "file_bytes": size, "seconds": wall, "peak_rss": s.peak_rss(),
                             "latent": lat, "quantize_s": made[what][1] if kind == "file" else None})
         finally:
             s.stop()

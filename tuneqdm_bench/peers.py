@@ -38,13 +38,6 @@ W4_FILE = "peers_w4"
 QUANT = dict(experts=4, scales="s_out and s_in (TuneQDM)", s_in_init="ones", keep_float="")
 
 
-def _peak_rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmHWM for pid {pid}")
-
-
 def _with_defaults(info: dict, node: str, given: dict) -> dict:
     """A node's inputs: what is given, plus the default of every other required widget (so a row keeps
     working when a node gains an input)."""
@@ -133,33 +126,22 @@ def _infer_graph(g: Graph, source: str, option: str, stage: int) -> None:
         g.node("SaveLatent", samples=s.out(0), filename_prefix="latents/peers")
 
 
-def _memory(pid: int) -> dict[str, float]:
-    """The process's peak and current resident memory, anonymous and file-backed, in GB."""
-    keys = ("VmHWM", "VmRSS", "RssAnon", "RssFile")
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in keys:
-            out[key] = int(value.split()[0]) * 1024 / 1e9
-    return out
-
-
 def phases(files: dict, bits: str, server_args: tuple[str, ...]) -> list[dict]:
     """Where the loader's inference row peaks: one server, three prompts that add the graph's nodes in the
     order ComfyUI runs them (the model loader, then CLIP's load and encoding, then sampling); ComfyUI keeps
-    each prompt's outputs, so every prompt runs only what is new. Peak and current memory after each."""
+    each prompt's outputs, so every prompt runs only what is new. Peak and current memory (bytes) after each."""
     server = _server(files, server_args)
     try:
-        out = [{"phase": "server started", **_memory(server.pid)}]
+        out = [{"phase": "server started", **server.memory()}]
         for stage, what in ((1, f"Load and Quantize W{bits}"), (2, "+ CheckpointLoaderSimple, CLIPTextEncode"),
                             (3, "+ KSampler 512x512, 4 steps")):
             g = Graph()
             _infer_graph(g, "loader", bits, stage)
             start = time.perf_counter()
             server.run(g.to_api(), timeout=1800, check=True)
-            out.append({"phase": what, "seconds": time.perf_counter() - start, **_memory(server.pid)})
-            print(f"[peers phases] {what}: " + ", ".join(f"{k} {v:.3f}" for k, v in out[-1].items()
-                                                        if k != "phase"), flush=True)
+            out.append({"phase": what, "seconds": time.perf_counter() - start, **server.memory()})
+            print(f"[peers phases] {what}: {out[-1]['seconds']:.1f} s, " + ", ".join(
+                f"{k} {v / 1e9:.3f} GB" for k, v in out[-1].items() if k.startswith(("Vm", "Rss"))), flush=True)
         return out
     finally:
         server.stop()
@@ -279,7 +261,7 @@ def main(args: argparse.Namespace) -> int:
             start = time.perf_counter()
             entry = server.run(g.to_api(), timeout=1800, check=True)
             wall = time.perf_counter() - start
-            result = {"row": row.name, "kind": row.kind, "peak_rss": _peak_rss(server.pid), "wall_s": wall,
+            result = {"row": row.name, "kind": row.kind, "peak_rss": server.peak_rss(), "wall_s": wall,
                       "step_s": _step_seconds(row, entry, server.log_text(), args.steps)}
         finally:
             server.stop()

@@ -71,6 +71,29 @@ class ComfyServer:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
+    _MEMORY_FIELDS = ("VmHWM", "VmRSS", "RssAnon", "RssFile")
+
+    def memory(self) -> dict[str, int]:
+        """The server process's peak (VmHWM) and current resident memory, anonymous and file-backed, in
+        bytes, from /proc; empty where the process or /proc is not there."""
+        try:
+            status = Path(f"/proc/{self.pid}/status").read_text()
+        except (OSError, TypeError):
+            return {}
+        out = {}
+        for line in status.splitlines():
+            key, _, value = line.partition(":")
+            if key in self._MEMORY_FIELDS:
+                out[key] = int(value.split()[0]) * 1024
+        return out
+
+    def peak_rss(self) -> int:
+        """The server process's peak resident memory (VmHWM) in bytes."""
+        peak = self.memory().get("VmHWM")
+        if peak is None:
+            raise RuntimeError(f"no VmHWM for the server (pid {self.pid})")
+        return peak
+
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
