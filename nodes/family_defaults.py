@@ -41,7 +41,7 @@ def resolve_keep_float(config: TuneQDMConfig, model_config: object) -> tuple[Tun
     if AUTO not in config.keep_float:
         return config, None
     family = family_of(model_config)
-    chosen = KEEP_FLOAT_BY_FAMILY.get(family, ()) if family else ()
+    chosen = KEEP_FLOAT_BY_FAMILY[family] if family else ()
     rest = tuple(p for p in config.keep_float if p != AUTO)
     name = type(model_config).__name__ if model_config is not None else "a model without a ComfyUI model config"
     if chosen:

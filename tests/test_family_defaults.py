@@ -41,14 +41,15 @@ def test_each_pattern_names_layers_and_the_default_is_small(defaults, family):
     assert FAMILIES[family].comfy_class == cls
     assert defaults.family_of(_config_of(cls)) == cls
     patterns = defaults.KEEP_FLOAT_BY_FAMILY[cls]
-    for size in ("test", "full"):
-        specs = family_specs(family, size)
-        layers = _quantizable(specs)
+    specs = {size: family_specs(family, size) for size in ("test", "full")}
+    for size, of_size in specs.items():
+        layers = _quantizable(of_size)
         for pattern in patterns:
             assert any(fnmatch.fnmatchcase(name, pattern) for name in layers), (family, size, pattern)
-    kept = sum(n for name, n in layers.items() if any(fnmatch.fnmatchcase(name, p) for p in patterns))
-    # At full size (test files are mostly embeddings); Flux's file at Flux dev's depth.
-    total = flux_dev_parameters(specs) if family == "flux" else sum(s.numel for s in specs.values())
+    # The share at full size (test files are mostly embeddings); Flux's file at Flux dev's depth.
+    full = specs["full"]
+    kept = sum(n for name, n in _quantizable(full).items() if any(fnmatch.fnmatchcase(name, p) for p in patterns))
+    total = flux_dev_parameters(full) if family == "flux" else sum(s.numel for s in full.values())
     share = kept / total
     assert 0 < share < 0.01, (family, share)
 
